@@ -1,0 +1,211 @@
+//! Forward kernel of one adapted projection over a heterogeneous batch.
+//!
+//! Semantics (per row i with slot s; W0 [d_out, d_in], stored transposed as `wt` [d_in, d_out]):
+//!   base   : y_i = W0 x_i
+//!   LoRA   : y_i = W0 x_i + s (B (A x_i))
+//!   IA3    : y_i = l o (W0 x_i)          | y_i = W0 (l o x_i)   (input side)
+//!   fLoRA  : y_i = (1/r) sum_j a_j o (W0 (b_j o x_i))  (replaces the base output)
+//! Execution:
+//!   1. ONE shared GEMM with W0 over the stacked rows of every segment except merged fLoRA
+//!      segments (base/LoRA/IA3 rows, l o x rows, and the r copies b_j o x of vectorized fLoRA
+//!      rows); when every row enters unchanged, x itself is the GEMM input (no copy).
+//!   2. Merged fLoRA segments: W = W0 o (1/r) sum_j a_j b_j^T built once, one GEMM each.
+//!   3. Epilogues per segment: LoRA shrink/expand (gather-style, the segment's own rank, no
+//!      padding), IA3 scaling, fLoRA rank reduction.
+
+use super::matmul::{matmul, MatRef};
+use super::vecops::{axpy, dot, mul_acc, mul_into, scale_by, with_scratch};
+use crate::batch::Segment;
+use crate::params::SlotSpec;
+use crate::plan::{LayerPlan, SegmentExec};
+use rayon::prelude::*;
+
+/// Rows at or below which LoRA shrink/expand runs as per-row dot/axpy loops instead of GEMM calls.
+const LORA_ROW_LOOP_MAX: usize = 4;
+
+/// `y [n, d_out]` for `x [n, d_in]`.
+pub fn forward(x: &[f32], wt: &[f32], params: &[f32], plan: &LayerPlan) -> Vec<f32> {
+    let (n, di, dout) = (plan.n_rows, plan.d_in, plan.d_out);
+    assert_eq!(x.len(), n * di, "forward: x has {} values, expected {n}x{di}", x.len());
+    assert_eq!(wt.len(), di * dout, "forward: weight has {} values, expected {di}x{dout}", wt.len());
+    let mut y = vec![0f32; n * dout];
+    let w = MatRef::row_major(wt, di, dout);
+    if plan.all_direct() {
+        matmul(&mut y, dout, MatRef::row_major(x, n, di), w, 1.0, 0.0);
+    } else {
+        shared_stacked_gemm(x, w, params, plan, &mut y);
+    }
+    for (seg, exec) in &plan.segments {
+        if let SegmentExec::FloraMerged(spec) = exec {
+            with_scratch(0, di * dout, |wm| {
+                merged_weight(wm, wt, spec, params, di, dout);
+                let xs = MatRef::row_major(&x[seg.start * di..(seg.start + seg.len) * di], seg.len, di);
+                matmul(&mut y[seg.start * dout..(seg.start + seg.len) * dout], dout, xs, MatRef::row_major(wm, di, dout), 1.0, 0.0);
+            });
+        }
+    }
+    epilogues(x, params, plan, &mut y);
+    y
+}
+
+/// Step 1 when some rows do not enter the GEMM unchanged: stack, one GEMM, scatter.
+fn shared_stacked_gemm(x: &[f32], w: MatRef, params: &[f32], plan: &LayerPlan, y: &mut [f32]) {
+    let (di, dout) = (plan.d_in, plan.d_out);
+    let n_st = plan.n_stacked_rows();
+    if n_st == 0 {
+        return;
+    }
+    with_scratch(1, n_st * di, |xs| {
+        stack_inputs(x, params, plan, xs);
+        with_scratch(2, n_st * dout, |zs| {
+            matmul(zs, dout, MatRef::row_major(xs, n_st, di), w, 1.0, 0.0);
+            let mut r0 = 0;
+            for (seg, exec) in &plan.segments {
+                let ys = &mut y[seg.start * dout..(seg.start + seg.len) * dout];
+                match exec {
+                    SegmentExec::FloraMerged(_) => {}
+                    SegmentExec::FloraVectorized(spec) => {
+                        let (_, a) = spec.parts(params, di, dout);
+                        reduce_rank(ys, &zs[r0 * dout..], a, spec, seg.len, dout);
+                    }
+                    _ => ys.copy_from_slice(&zs[r0 * dout..(r0 + seg.len) * dout]),
+                }
+                r0 += exec.stacked_rows(seg.len);
+            }
+        })
+    });
+}
+
+/// Fills the shared GEMM's input: per segment its rows, `l o x` rows, or the r blocks
+/// `b_j o x` (block j holds all rows of the segment).
+pub(crate) fn stack_inputs(x: &[f32], params: &[f32], plan: &LayerPlan, xs: &mut [f32]) {
+    let (di, dout) = (plan.d_in, plan.d_out);
+    let mut r0 = 0;
+    for (seg, exec) in &plan.segments {
+        let xseg = &x[seg.start * di..(seg.start + seg.len) * di];
+        let out = &mut xs[r0 * di..(r0 + exec.stacked_rows(seg.len)) * di];
+        match exec {
+            SegmentExec::FloraMerged(_) => {}
+            SegmentExec::FloraVectorized(spec) => {
+                let (b, _) = spec.parts(params, di, dout);
+                for (j, block) in out.chunks_exact_mut(seg.len * di).enumerate() {
+                    let bj = &b[j * di..(j + 1) * di];
+                    for (o, xr) in block.chunks_exact_mut(di).zip(xseg.chunks_exact(di)) {
+                        mul_into(o, xr, bj);
+                    }
+                }
+            }
+            SegmentExec::Ia3In(spec) => {
+                let (l, _) = spec.parts(params, di, dout);
+                for (o, xr) in out.chunks_exact_mut(di).zip(xseg.chunks_exact(di)) {
+                    mul_into(o, xr, l);
+                }
+            }
+            _ => out.copy_from_slice(xseg),
+        }
+        r0 += exec.stacked_rows(seg.len);
+    }
+}
+
+/// `y_row = scale * sum_j a_j o z_j[row]` where `z` holds r blocks of `len` rows.
+fn reduce_rank(ys: &mut [f32], z: &[f32], a: &[f32], spec: &SlotSpec, len: usize, dout: usize) {
+    ys.fill(0.0);
+    for j in 0..spec.rank {
+        let aj = &a[j * dout..(j + 1) * dout];
+        for (row, yr) in ys.chunks_exact_mut(dout).enumerate() {
+            mul_acc(yr, spec.scale, aj, &z[(j * len + row) * dout..(j * len + row + 1) * dout]);
+        }
+    }
+}
+
+/// `wm [d_in, d_out] = wt o (scale * b^T a)`: row i is `wt[i] o (scale * sum_j b_j[i] a_j)`.
+pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params: &[f32], di: usize, dout: usize) {
+    let (b, a) = spec.parts(params, di, dout);
+    let r = spec.rank;
+    wm.par_chunks_mut(dout * 16).enumerate().for_each(|(blk, rows)| {
+        for (k, wrow) in rows.chunks_exact_mut(dout).enumerate() {
+            let i = blk * 16 + k;
+            wrow.fill(0.0);
+            for j in 0..r {
+                axpy(wrow, spec.scale * b[j * di + i], &a[j * dout..(j + 1) * dout]);
+            }
+            scale_by(wrow, &wt[i * dout..(i + 1) * dout]);
+        }
+    });
+}
+
+/// Step 3: LoRA shrink/expand and IA3 output scaling, segments in parallel when worth it.
+fn epilogues(x: &[f32], params: &[f32], plan: &LayerPlan, y: &mut [f32]) {
+    let (di, dout) = (plan.d_in, plan.d_out);
+    let work: usize = plan
+        .segments
+        .iter()
+        .map(|(s, e)| match e {
+            SegmentExec::Lora(spec) => 2 * s.len * spec.rank * (di + dout),
+            SegmentExec::Ia3Out(_) => s.len * dout,
+            _ => 0,
+        })
+        .sum();
+    if work == 0 {
+        return;
+    }
+    let jobs: Vec<(&mut [f32], &Segment, &SegmentExec)> = split_segments_mut(y, dout, &plan.segments)
+        .into_iter()
+        .filter(|(_, _, e)| matches!(e, SegmentExec::Lora(_) | SegmentExec::Ia3Out(_)))
+        .collect();
+    let run = |(ys, seg, exec): (&mut [f32], &Segment, &SegmentExec)| {
+        let xs = &x[seg.start * di..(seg.start + seg.len) * di];
+        match exec {
+            SegmentExec::Lora(spec) => lora_add(ys, xs, spec, params, seg.len, di, dout),
+            SegmentExec::Ia3Out(spec) => {
+                let (_, l) = spec.parts(params, di, dout);
+                ys.chunks_exact_mut(dout).for_each(|yr| scale_by(yr, l));
+            }
+            _ => {}
+        }
+    };
+    if work < (1 << 18) || jobs.len() == 1 {
+        jobs.into_iter().for_each(run);
+    } else {
+        jobs.into_par_iter().for_each(run);
+    }
+}
+
+/// `ys [len, d_out] += scale * (xs A^T) B^T` with A `[r, d_in]`, B^T `[r, d_out]` of the slot.
+fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], len: usize, di: usize, dout: usize) {
+    let (a, bt) = spec.parts(params, di, dout);
+    let r = spec.rank;
+    if len <= LORA_ROW_LOOP_MAX {
+        let mut t = vec![0f32; r];
+        for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
+            for (j, tj) in t.iter_mut().enumerate() {
+                *tj = spec.scale * dot(&a[j * di..(j + 1) * di], xr);
+            }
+            for (j, &tj) in t.iter().enumerate() {
+                axpy(yr, tj, &bt[j * dout..(j + 1) * dout]);
+            }
+        }
+    } else {
+        let mut t = vec![0f32; len * r];
+        matmul(&mut t, r, MatRef::row_major(xs, len, di), MatRef::row_major(a, r, di).t(), spec.scale, 0.0);
+        matmul(ys, dout, MatRef::row_major(&t, len, r), MatRef::row_major(bt, r, dout), 1.0, 1.0);
+    }
+}
+
+/// Splits `y` (rows of width `d`) into the disjoint row ranges of sorted, non-overlapping segments.
+pub(crate) fn split_segments_mut<'a, 'p>(
+    mut y: &'a mut [f32],
+    d: usize,
+    segments: &'p [(Segment, SegmentExec)],
+) -> Vec<(&'a mut [f32], &'p Segment, &'p SegmentExec)> {
+    let mut out = Vec::with_capacity(segments.len());
+    let mut consumed = 0;
+    for (seg, exec) in segments {
+        let (_, rest) = std::mem::take(&mut y).split_at_mut((seg.start - consumed) * d);
+        let (mine, rest) = rest.split_at_mut(seg.len * d);
+        out.push((mine, seg, exec));
+        y = rest;
+        consumed = seg.start + seg.len;
+    }
+    out
+}

@@ -1,0 +1,157 @@
+//! Dense f32 matrix products used by every adapter kernel.
+//!
+//! Semantics: `C = beta * C + alpha * A · B` for strided row/column views.
+//! Dispatch: skinny products (few rows, contiguous `B`) go to [`super::skinny`], which streams
+//! `B` once for all rows; everything else goes to the `gemm` crate (AVX-512 with `x86-v4`).
+
+use gemm::Parallelism;
+
+/// A read-only strided matrix view: element (i, j) is at `ptr[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `[rows, cols]` matrix stored contiguously.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        debug_assert!(data.len() >= rows * cols, "buffer {} < {rows}x{cols}", data.len());
+        Self { data, rows, cols, rs: cols, cs: 1 }
+    }
+
+    /// The transpose, as a view (no copy).
+    pub fn t(self) -> Self {
+        Self { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
+    fn is_row_contiguous(&self) -> bool {
+        self.cs == 1
+    }
+
+    fn span_ok(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Number of worker threads kernels may use (rayon's pool, set by RAYON_NUM_THREADS).
+pub fn n_threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+fn parallelism(flops: usize) -> Parallelism {
+    // Below ~1 MFLOP, threading costs more than it saves.
+    if flops < (1 << 20) || n_threads() == 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(n_threads())
+    }
+}
+
+/// `c[m, n] (row-major, row stride ldc) = beta * c + alpha * a · b`.
+///
+/// `beta == 0` overwrites `c` without reading it (so `c` may hold garbage).
+pub fn matmul(c: &mut [f32], ldc: usize, a: MatRef, b: MatRef, alpha: f32, beta: f32) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul: inner dims {} vs {}", k, b.rows);
+    assert!(a.span_ok() && b.span_ok(), "matmul: view out of bounds");
+    assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(), "matmul: output too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        scale_rows(c, ldc, m, n, beta);
+        return;
+    }
+    if super::skinny::wants(m, k, n) && b.is_row_contiguous() && a.is_row_contiguous() {
+        super::skinny::matmul_rows(c, ldc, a.data, a.rs, m, k, b.data, b.rs, n, alpha, beta);
+        return;
+    }
+    // SAFETY: bounds were checked above; gemm reads/writes only inside the described views.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            beta != 0.0,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism(2 * m * n * k),
+        );
+    }
+}
+
+fn scale_rows(c: &mut [f32], ldc: usize, m: usize, n: usize, beta: f32) {
+    for i in 0..m {
+        for v in &mut c[i * ldc..i * ldc + n] {
+            *v = if beta == 0.0 { 0.0 } else { *v * beta };
+        }
+    }
+}
+
+/// The obvious triple loop, for tests of [`matmul`].
+pub fn matmul_slow(c: &mut [f32], ldc: usize, a: MatRef, b: MatRef, alpha: f32, beta: f32) {
+    for i in 0..a.rows {
+        for j in 0..b.cols {
+            let mut acc = 0f64;
+            for p in 0..a.cols {
+                acc += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+            }
+            let old = if beta == 0.0 { 0.0 } else { beta * c[i * ldc + j] };
+            c[i * ldc + j] = old + alpha * acc as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_slow_across_shapes_and_strides() {
+        for &(m, k, n) in &[(1, 1, 1), (1, 577, 129), (3, 16, 17), (32, 576, 576), (33, 64, 200), (130, 65, 47), (7, 300, 1000)] {
+            for transpose_b in [false, true] {
+                for beta in [0.0f32, 1.0] {
+                    let a = rand_vec(m * k, 1);
+                    let b = rand_vec(k * n, 2);
+                    let bv = if transpose_b { MatRef::row_major(&b, n, k).t() } else { MatRef::row_major(&b, k, n) };
+                    let av = MatRef::row_major(&a, m, k);
+                    let mut c1 = rand_vec(m * n, 3);
+                    let mut c2 = c1.clone();
+                    matmul(&mut c1, n, av, bv, 0.7, beta);
+                    matmul_slow(&mut c2, n, av, bv, 0.7, beta);
+                    for (x, y) in c1.iter().zip(&c2) {
+                        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{k}x{n} t={transpose_b} beta={beta}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! CPU implementations of the adapter kernels (f32). A CUDA backend implements the same
+//! `forward` / `backward` contract (see docs/architecture.md).
+
+pub mod backward;
+pub mod forward;
+pub mod matmul;
+pub mod skinny;
+pub mod vecops;

@@ -1,0 +1,207 @@
+//! Skinny matrix product for decode-shaped work: `C[m, n] = beta*C + alpha * A[m, k] · B[k, n]`
+//! with few rows `m` (one per sequence in a decode step) and a large row-major `B`
+//! (a base weight stored `[d_in, d_out]`).
+//!
+//! Blocked general GEMM libraries pack `B` for reuse across many rows; with m = 32 that packing
+//! is pure overhead. Here each `KC x NR` block of `B` is read straight from memory once and
+//! reused from L1 for every `MR`-row block of `A`, so the weight is streamed once per call.
+//! Columns are split across threads in `NR`-wide panels.
+//!
+//! Only compiled into use on x86-64 with AVX-512F (checked at run time); elsewhere
+//! [`wants`] returns false and callers use the general path.
+
+/// Rows per register block.
+const MR: usize = 8;
+/// Columns per register block: three 16-lane vectors.
+const NR: usize = 48;
+/// Depth of a `B` block kept hot in L1: KC * NR * 4 bytes = 24 KiB.
+const KC: usize = 128;
+/// Largest `m` this kernel is chosen for.
+pub const MAX_ROWS: usize = 64;
+
+/// Whether the skinny kernel should run a product of this shape on this machine.
+pub fn wants(m: usize, k: usize, n: usize) -> bool {
+    m <= MAX_ROWS && k >= 8 && n >= 16 && has_avx512()
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Row-major operands: `a` with row stride `lda`, `b` with row stride `ldb`, `c` with `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    k: usize,
+    b: &[f32],
+    ldb: usize,
+    n: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    assert!(has_avx512(), "skinny kernel needs AVX-512F");
+    assert!(m >= 1 && (m - 1) * lda + k <= a.len(), "skinny: A out of bounds");
+    assert!((k - 1) * ldb + n <= b.len(), "skinny: B out of bounds");
+    assert!((m - 1) * ldc + n <= c.len(), "skinny: C out of bounds");
+    let n_panels = n.div_ceil(NR);
+    let flops = 2 * m * n * k;
+    let n_chunks = if flops < (1 << 20) { 1 } else { super::matmul::n_threads().min(n_panels) };
+    let panels_per_chunk = n_panels.div_ceil(n_chunks);
+    let cp = SendPtr(c.as_mut_ptr());
+    let run = |chunk: usize| {
+        let j0 = chunk * panels_per_chunk * NR;
+        let j1 = ((chunk + 1) * panels_per_chunk * NR).min(n);
+        if j0 < j1 {
+            let cp = cp;
+            // SAFETY: chunks write disjoint column ranges of C; bounds asserted above.
+            unsafe { x86::run_columns(cp.0, ldc, a.as_ptr(), lda, m, k, b.as_ptr(), ldb, j0, j1, alpha, beta) };
+        }
+    };
+    if n_chunks == 1 {
+        run(0);
+    } else {
+        use rayon::prelude::*;
+        (0..n_chunks).into_par_iter().for_each(run);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_columns(
+        c: *mut f32,
+        ldc: usize,
+        a: *const f32,
+        lda: usize,
+        m: usize,
+        k: usize,
+        b: *const f32,
+        ldb: usize,
+        j0: usize,
+        j1: usize,
+        alpha: f32,
+        beta: f32,
+    ) {
+        let mut jb = j0;
+        while jb < j1 {
+            let nr = NR.min(j1 - jb);
+            let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
+            let mut kb = 0;
+            while kb < k {
+                let kc = KC.min(k - kb);
+                let first = kb == 0;
+                let mut ib = 0;
+                while ib < m {
+                    let mr = MR.min(m - ib);
+                    let ap = a.add(ib * lda + kb);
+                    let bp = b.add(kb * ldb + jb);
+                    let cp = c.add(ib * ldc + jb);
+                    let (scale_c, scale_acc) = if first { (beta, alpha) } else { (1.0, alpha) };
+                    match mr {
+                        8 => micro::<8>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                        7 => micro::<7>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                        6 => micro::<6>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                        5 => micro::<5>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                        4 => micro::<4>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                        3 => micro::<3>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                        2 => micro::<2>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                        _ => micro::<1>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+                    }
+                    ib += MR;
+                }
+                kb += KC;
+            }
+            jb += NR;
+        }
+    }
+
+    /// Mask of the valid lanes of the 16-lane vector starting at column `start` of an `nr`-wide block.
+    fn lane_mask(nr: usize, start: usize) -> __mmask16 {
+        let valid = nr.saturating_sub(start).min(16);
+        if valid == 16 {
+            0xFFFF
+        } else {
+            ((1u32 << valid) - 1) as __mmask16
+        }
+    }
+
+    /// `C[R, nr] = scale_c * C + scale_acc * A[R, kc] · B[kc, nr]`, accumulators in registers.
+    /// `scale_c == 0` writes C without reading it.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        masks: [__mmask16; 3],
+        scale_c: f32,
+        scale_acc: f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        for p in 0..kc {
+            let bp = b.wrapping_add(p * ldb);
+            let b0 = _mm512_maskz_loadu_ps(masks[0], bp);
+            let b1 = _mm512_maskz_loadu_ps(masks[1], bp.wrapping_add(16));
+            let b2 = _mm512_maskz_loadu_ps(masks[2], bp.wrapping_add(32));
+            for i in 0..R {
+                let av = _mm512_set1_ps(*a.add(i * lda + p));
+                acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+                acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
+            }
+        }
+        let sa = _mm512_set1_ps(scale_acc);
+        let sc = _mm512_set1_ps(scale_c);
+        for (i, row) in acc.iter().enumerate() {
+            for (v, &acc_v) in row.iter().enumerate() {
+                if masks[v] == 0 {
+                    continue;
+                }
+                let cp = c.wrapping_add(i * ldc + v * 16);
+                let out = if scale_c == 0.0 {
+                    _mm512_mul_ps(acc_v, sa)
+                } else {
+                    let old = _mm512_maskz_loadu_ps(masks[v], cp);
+                    _mm512_fmadd_ps(acc_v, sa, _mm512_mul_ps(old, sc))
+                };
+                _mm512_mask_storeu_ps(cp, masks[v], out);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_columns(
+        _c: *mut f32, _ldc: usize, _a: *const f32, _lda: usize, _m: usize, _k: usize,
+        _b: *const f32, _ldb: usize, _j0: usize, _j1: usize, _alpha: f32, _beta: f32,
+    ) {
+        unreachable!("skinny kernel is only selected on x86-64 with AVX-512F")
+    }
+}

@@ -1,0 +1,139 @@
+//! The seam: every adapted projection goes through [`adapted_linear`].
+//!
+//! It is one candle custom op over `(x, packed params)`, with the frozen base weight held by the
+//! op (so no gradient is ever formed for it) and the plan as plain data. Its backward returns
+//! the gradient of `x` and one flat gradient for all adapters, which candle routes back to each
+//! adapter's variables.
+
+use crate::batch::AdapterBatch;
+use crate::cpu;
+use crate::error::{AdapterError, Result};
+use crate::params::LayerAdapters;
+use crate::plan::{plan_layer, ExecOptions, LayerPlan};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+/// A frozen base weight `W0 [d_out, d_in]`, stored transposed `[d_in, d_out]` row-major: the
+/// layout in which both the GEMM library and the skinny decode kernel stream it contiguously.
+#[derive(Clone, Debug)]
+pub struct BaseWeight {
+    wt: Tensor,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl BaseWeight {
+    /// From a checkpoint-layout weight `[d_out, d_in]` (as in PyTorch / GGUF tensors).
+    pub fn from_out_in(w: &Tensor) -> Result<Self> {
+        let (d_out, d_in) = w.dims2()?;
+        let wt = w.to_dtype(DType::F32)?.t()?.contiguous()?.detach();
+        Ok(Self { wt, d_in, d_out })
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.d_in
+    }
+    pub fn d_out(&self) -> usize {
+        self.d_out
+    }
+    /// `W0^T` `[d_in, d_out]`.
+    pub fn transposed(&self) -> &Tensor {
+        &self.wt
+    }
+}
+
+/// `y [.., d_out]` = the adapted projection of `x [.., d_in]` (rows = all leading dims
+/// flattened), each row using the adapter its slot in `batch` names (see `crate::params` for
+/// the math of each kind). `adapters = None` runs the base weight alone.
+pub fn adapted_linear(
+    x: &Tensor,
+    base: &BaseWeight,
+    batch: &AdapterBatch,
+    adapters: Option<&LayerAdapters>,
+    opts: &ExecOptions,
+) -> Result<Tensor> {
+    let empty;
+    let adapters = match adapters {
+        Some(a) => a,
+        None => {
+            empty = LayerAdapters::empty("base", base.d_in, base.d_out, x.device())?;
+            &empty
+        }
+    };
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&base.d_in) || adapters.d_in() != base.d_in || adapters.d_out() != base.d_out {
+        return Err(AdapterError::BadInput { layer: adapters.name().to_string(), got: dims, d_in: base.d_in });
+    }
+    let n_rows = x.elem_count() / base.d_in;
+    if batch.n_rows() != n_rows {
+        return Err(AdapterError::BadBatch {
+            layer: adapters.name().to_string(),
+            msg: format!("the batch describes {} rows, the input has {n_rows}", batch.n_rows()),
+        });
+    }
+    let plan = plan_layer(batch, adapters, opts)?;
+    let x2 = x.to_dtype(DType::F32)?.reshape((n_rows, base.d_in))?.contiguous()?;
+    let op = AdaptedLinearOp { wt: base.wt.clone(), plan: Arc::new(plan), name: adapters.name_arc() };
+    let y = x2.apply_op2(adapters.params(), op)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = base.d_out;
+    Ok(y.reshape(out_dims)?)
+}
+
+struct AdaptedLinearOp {
+    wt: Tensor,
+    plan: Arc<LayerPlan>,
+    name: Arc<str>,
+}
+
+/// The f32 contents of a contiguous CPU tensor storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("adapted_linear: {what} must be contiguous"),
+    }
+}
+
+fn with_cpu_tensor<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(f32_slice(s, layout, what)?),
+        _ => candle_core::bail!("adapted_linear: {what} must be on the CPU (no GPU kernel yet)"),
+    }
+}
+
+impl CustomOp2 for AdaptedLinearOp {
+    fn name(&self) -> &'static str {
+        "adapted-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "x")?;
+        let params = f32_slice(s2, l2, "adapter params")?;
+        let plan = &*self.plan;
+        let y = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(cpu::forward::forward(x, wt, params, plan)))?;
+        Ok((CpuStorage::F32(y), Shape::from((plan.n_rows, plan.d_out))))
+    }
+
+    fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let plan = &*self.plan;
+        let grad = grad.contiguous()?;
+        let x = x.contiguous()?;
+        let params = params.contiguous()?;
+        let grads = with_cpu_tensor(&self.wt, "base weight", |wt| {
+            with_cpu_tensor(&x, "x", |x| {
+                with_cpu_tensor(&params, "adapter params", |p| {
+                    with_cpu_tensor(&grad, "gradient", |g| Ok(cpu::backward::backward(x, wt, p, plan, g)))
+                })
+            })
+        })
+        .map_err(|e| candle_core::Error::Msg(format!("layer {}: backward: {e}", self.name)))?;
+        let dev = x.device();
+        let dx = Tensor::from_vec(grads.dx, (plan.n_rows, plan.d_in), dev)?;
+        let n_params = grads.dparams.len();
+        let dp = Tensor::from_vec(grads.dparams, n_params, dev)?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+

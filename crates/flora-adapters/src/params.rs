@@ -1,0 +1,233 @@
+//! Adapter parameters of one projection, packed for the batched kernels.
+//!
+//! Every slot's parameters live in ONE flat f32 tensor (`params`), so a single custom op sees all
+//! adapters of a batch at once and its backward returns one flat gradient that candle routes back
+//! to each adapter's own variables (through `Tensor::cat`). Per slot, at `offset`:
+//!
+//! | kind    | "in" part (first)         | "out" part (after it)      | math per row x [d_in]            |
+//! |---------|---------------------------|----------------------------|----------------------------------|
+//! | LoRA    | A   [r, d_in]  (lora_A)   | B^T [r, d_out] (lora_B^T)  | y = x W0^T + s (x A^T) B^T, s = alpha/r |
+//! | fLoRA   | b   [r, d_in]             | a   [r, d_out]             | y = (1/r) sum_j a_j o ((b_j o x) W0^T) |
+//! | IA3 out | (none)                    | l   [d_out]                | y = l o (x W0^T)                 |
+//! | IA3 in  | l   [d_in]                | (none)                     | y = (l o x) W0^T                 |
+
+use crate::error::{AdapterError, Result};
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// The adapter families flora runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AdapterKind {
+    Lora,
+    Flora,
+    Ia3,
+}
+
+impl std::fmt::Display for AdapterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AdapterKind::Lora => "lora",
+            AdapterKind::Flora => "flora",
+            AdapterKind::Ia3 => "ia3",
+        })
+    }
+}
+
+/// One adapter's weights for one projection `W0 [d_out, d_in]`, in the checkpoint's own layout.
+#[derive(Clone, Debug)]
+pub enum AdapterWeights {
+    /// PEFT LoRA: `a` = lora_A.weight `[r, d_in]`, `b` = lora_B.weight `[d_out, r]`,
+    /// `scale` = lora_alpha / r (or / sqrt(r) for rsLoRA).
+    Lora { a: Tensor, b: Tensor, scale: f32 },
+    /// fLoRA: `a` `[r, d_out]` (output side), `b` `[r, d_in]` (input side); mean over rank.
+    Flora { a: Tensor, b: Tensor },
+    /// IA3: `l` `[d_out]` scales the outputs, or `[d_in]` scales the inputs when `on_input`
+    /// (PEFT's "feedforward" modules).
+    Ia3 { l: Tensor, on_input: bool },
+}
+
+impl AdapterWeights {
+    pub fn kind(&self) -> AdapterKind {
+        match self {
+            AdapterWeights::Lora { .. } => AdapterKind::Lora,
+            AdapterWeights::Flora { .. } => AdapterKind::Flora,
+            AdapterWeights::Ia3 { .. } => AdapterKind::Ia3,
+        }
+    }
+
+    /// Rank (IA3 counts as 1).
+    pub fn rank(&self) -> usize {
+        match self {
+            AdapterWeights::Lora { a, .. } | AdapterWeights::Flora { b: a, .. } => a.dims().first().copied().unwrap_or(0),
+            AdapterWeights::Ia3 { .. } => 1,
+        }
+    }
+}
+
+/// Kernel-level kind of a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotKind {
+    Lora,
+    Flora,
+    Ia3Out,
+    Ia3In,
+}
+
+/// Where a slot's parameters live in the packed tensor and how to apply them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlotSpec {
+    pub kind: SlotKind,
+    pub rank: usize,
+    /// LoRA: alpha/r; fLoRA: 1/r; IA3: 1.
+    pub scale: f32,
+    /// Offset of the "in" part in the packed params; the "out" part follows it.
+    pub offset: usize,
+}
+
+impl SlotSpec {
+    pub fn in_len(&self, d_in: usize) -> usize {
+        match self.kind {
+            SlotKind::Lora | SlotKind::Flora => self.rank * d_in,
+            SlotKind::Ia3In => d_in,
+            SlotKind::Ia3Out => 0,
+        }
+    }
+
+    pub fn out_len(&self, d_out: usize) -> usize {
+        match self.kind {
+            SlotKind::Lora | SlotKind::Flora => self.rank * d_out,
+            SlotKind::Ia3Out => d_out,
+            SlotKind::Ia3In => 0,
+        }
+    }
+
+    /// `(in part, out part)` of this slot in `params`.
+    pub fn parts<'a>(&self, params: &'a [f32], d_in: usize, d_out: usize) -> (&'a [f32], &'a [f32]) {
+        let (i, o) = (self.in_len(d_in), self.out_len(d_out));
+        (&params[self.offset..self.offset + i], &params[self.offset + i..self.offset + i + o])
+    }
+}
+
+/// All adapters of one projection (one layer's q, k, ..., down), packed for the kernels.
+#[derive(Clone, Debug)]
+pub struct LayerAdapters {
+    name: Arc<str>,
+    d_in: usize,
+    d_out: usize,
+    slots: Arc<[Option<SlotSpec>]>,
+    /// Flat f32 `[total]`; may be a graph node over trainable variables.
+    params: Tensor,
+}
+
+impl LayerAdapters {
+    /// Pack `slots` (index = slot id; `None` = empty slot) for projection `name` `[d_out, d_in]`.
+    /// Checks shapes, ranks and that every value is finite.
+    pub fn pack(name: &str, d_in: usize, d_out: usize, slots: &[Option<(&str, &AdapterWeights)>], device: &Device) -> Result<Self> {
+        let mut specs = Vec::with_capacity(slots.len());
+        let mut parts: Vec<Tensor> = Vec::new();
+        let mut offset = 0usize;
+        for slot in slots {
+            let Some((adapter, w)) = slot else {
+                specs.push(None);
+                continue;
+            };
+            let bad = |msg: String| AdapterError::BadAdapter { layer: name.to_string(), adapter: adapter.to_string(), msg };
+            let (spec, ins, outs) = match w {
+                AdapterWeights::Lora { a, b, scale } => {
+                    let r = check_2d(a, "lora A", None, Some(d_in)).map_err(&bad)?;
+                    check_2d(b, "lora B", Some(d_out), Some(r)).map_err(&bad)?;
+                    if !scale.is_finite() {
+                        return Err(bad(format!("scale {scale} is not finite")));
+                    }
+                    let spec = SlotSpec { kind: SlotKind::Lora, rank: r, scale: *scale, offset };
+                    (spec, Some(a.flatten_all()?), Some(b.t()?.contiguous()?.flatten_all()?))
+                }
+                AdapterWeights::Flora { a, b } => {
+                    let r = check_2d(b, "flora b", None, Some(d_in)).map_err(&bad)?;
+                    check_2d(a, "flora a", Some(r), Some(d_out)).map_err(&bad)?;
+                    let spec = SlotSpec { kind: SlotKind::Flora, rank: r, scale: 1.0 / r as f32, offset };
+                    (spec, Some(b.flatten_all()?), Some(a.flatten_all()?))
+                }
+                AdapterWeights::Ia3 { l, on_input } => {
+                    let want = if *on_input { d_in } else { d_out };
+                    if l.dims() != [want] {
+                        return Err(bad(format!("ia3 vector has shape {:?}, expected [{want}]", l.dims())));
+                    }
+                    let kind = if *on_input { SlotKind::Ia3In } else { SlotKind::Ia3Out };
+                    let spec = SlotSpec { kind, rank: 1, scale: 1.0, offset };
+                    let flat = l.flatten_all()?;
+                    if *on_input { (spec, Some(flat), None) } else { (spec, None, Some(flat)) }
+                }
+            };
+            for part in [ins, outs].into_iter().flatten() {
+                let part = part.to_dtype(DType::F32)?.to_device(device)?;
+                check_finite(&part).map_err(&bad)?;
+                offset += part.elem_count();
+                parts.push(part);
+            }
+            specs.push(Some(spec));
+        }
+        let params = if parts.is_empty() { Tensor::zeros(0, DType::F32, device)? } else { Tensor::cat(&parts, 0)? };
+        Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params })
+    }
+
+    /// The same slot table over other parameter values of the same layout (e.g. a trainable
+    /// flat variable, or an optimizer's updated copy).
+    pub fn with_params(&self, params: Tensor) -> Result<Self> {
+        if params.dims() != self.params.dims() {
+            return Err(AdapterError::BadBatch {
+                layer: self.name.to_string(),
+                msg: format!("packed params have shape {:?}, expected {:?}", params.dims(), self.params.dims()),
+            });
+        }
+        Ok(Self { params, ..self.clone() })
+    }
+
+    /// A table with no adapters (every row runs the base weight).
+    pub fn empty(name: &str, d_in: usize, d_out: usize, device: &Device) -> Result<Self> {
+        Self::pack(name, d_in, d_out, &[], device)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn d_in(&self) -> usize {
+        self.d_in
+    }
+    pub fn d_out(&self) -> usize {
+        self.d_out
+    }
+    pub fn slots(&self) -> &[Option<SlotSpec>] {
+        &self.slots
+    }
+    pub fn params(&self) -> &Tensor {
+        &self.params
+    }
+    pub(crate) fn name_arc(&self) -> Arc<str> {
+        self.name.clone()
+    }
+}
+
+/// Checks a 2-D tensor's dims against the expected ones; returns dim 0. Rank 0 is refused.
+fn check_2d(t: &Tensor, what: &str, rows: Option<usize>, cols: Option<usize>) -> std::result::Result<usize, String> {
+    let dims = t.dims();
+    if dims.len() != 2 {
+        return Err(format!("{what} has shape {dims:?}, expected 2 dims"));
+    }
+    if rows.is_some_and(|r| r != dims[0]) || cols.is_some_and(|c| c != dims[1]) {
+        let show = |d: Option<usize>| d.map_or("_".to_string(), |v| v.to_string());
+        return Err(format!("{what} has shape {dims:?}, expected [{}, {}]", show(rows), show(cols)));
+    }
+    if dims[0] == 0 || dims[1] == 0 {
+        return Err(format!("{what} has shape {dims:?}: rank and dims must be positive"));
+    }
+    Ok(dims[0])
+}
+
+fn check_finite(t: &Tensor) -> std::result::Result<(), String> {
+    let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(format!("holds a non-finite value ({}) at element {i}", v[i])),
+    }
+}

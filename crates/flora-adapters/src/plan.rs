@@ -1,0 +1,106 @@
+//! Per-segment execution plan of one adapted projection (plain data, no tensors).
+
+use crate::batch::{AdapterBatch, Segment};
+use crate::cost::CostModel;
+use crate::error::{AdapterError, Result};
+use crate::params::{LayerAdapters, SlotKind, SlotSpec};
+
+/// How fLoRA segments are executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FloraPolicy {
+    /// The cost model picks per segment.
+    #[default]
+    Auto,
+    /// Always stack the r scaled copies of the rows into the shared GEMM (paper Eq. 6).
+    Vectorized,
+    /// Always materialize W0 o (B A)/r for the segment and run one GEMM.
+    Merged,
+}
+
+/// Options for [`crate::adapted_linear`].
+#[derive(Clone, Debug, Default)]
+pub struct ExecOptions {
+    pub flora: FloraPolicy,
+    pub cost: CostModel,
+}
+
+/// What a segment runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SegmentExec {
+    Base,
+    Lora(SlotSpec),
+    Ia3Out(SlotSpec),
+    Ia3In(SlotSpec),
+    FloraVectorized(SlotSpec),
+    FloraMerged(SlotSpec),
+}
+
+impl SegmentExec {
+    /// Rows this segment contributes to the shared base GEMM's input (0 for merged fLoRA).
+    pub fn stacked_rows(&self, len: usize) -> usize {
+        match self {
+            SegmentExec::FloraVectorized(s) => s.rank * len,
+            SegmentExec::FloraMerged(_) => 0,
+            _ => len,
+        }
+    }
+
+    /// Whether the segment's rows enter the shared GEMM unchanged (so no stacking copy is needed).
+    pub fn is_direct(&self) -> bool {
+        matches!(self, SegmentExec::Base | SegmentExec::Lora(_) | SegmentExec::Ia3Out(_))
+    }
+}
+
+/// The plan for one call: dims and each segment's execution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerPlan {
+    pub d_in: usize,
+    pub d_out: usize,
+    pub n_rows: usize,
+    pub segments: Vec<(Segment, SegmentExec)>,
+}
+
+impl LayerPlan {
+    /// Whether every segment feeds the shared GEMM unchanged.
+    pub fn all_direct(&self) -> bool {
+        self.segments.iter().all(|(_, e)| e.is_direct())
+    }
+
+    /// Rows of the shared (stacked) GEMM.
+    pub fn n_stacked_rows(&self) -> usize {
+        self.segments.iter().map(|(s, e)| e.stacked_rows(s.len)).sum()
+    }
+}
+
+/// Resolves every segment's slot and picks its execution. Errors name the layer.
+pub fn plan_layer(batch: &AdapterBatch, adapters: &LayerAdapters, opts: &ExecOptions) -> Result<LayerPlan> {
+    let slots = adapters.slots();
+    let mut segments = Vec::with_capacity(batch.segments().len());
+    for seg in batch.segments() {
+        let exec = match seg.slot {
+            None => SegmentExec::Base,
+            Some(id) => {
+                let spec = slots.get(id as usize).copied().flatten().ok_or_else(|| AdapterError::BadBatch {
+                    layer: adapters.name().to_string(),
+                    msg: format!("rows {:?} use adapter slot {id}, but only {} slots exist ({})", seg.rows(), slots.len(),
+                        if (id as usize) < slots.len() { "that slot is empty" } else { "out of range" }),
+                })?;
+                match spec.kind {
+                    SlotKind::Lora => SegmentExec::Lora(spec),
+                    SlotKind::Ia3Out => SegmentExec::Ia3Out(spec),
+                    SlotKind::Ia3In => SegmentExec::Ia3In(spec),
+                    SlotKind::Flora => {
+                        let merged = match opts.flora {
+                            FloraPolicy::Vectorized => false,
+                            FloraPolicy::Merged => true,
+                            FloraPolicy::Auto => opts.cost.prefers_merged(seg.len, spec.rank, adapters.d_in(), adapters.d_out()),
+                        };
+                        if merged { SegmentExec::FloraMerged(spec) } else { SegmentExec::FloraVectorized(spec) }
+                    }
+                }
+            }
+        };
+        segments.push((*seg, exec));
+    }
+    Ok(LayerPlan { d_in: adapters.d_in(), d_out: adapters.d_out(), n_rows: batch.n_rows(), segments })
+}
