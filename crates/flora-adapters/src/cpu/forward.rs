@@ -119,9 +119,15 @@ fn reduce_rank(ys: &mut [f32], z: &[f32], a: &[f32], spec: &SlotSpec, len: usize
 }
 
 /// `wm [d_in, d_out] = wt o (scale * b^T a)`: row i is `wt[i] o (scale * sum_j b_j[i] a_j)`.
+/// Ranks up to 2 use one fused pass of axpys; larger ranks a rank-r GEMM, then the product.
 pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params: &[f32], di: usize, dout: usize) {
     let (b, a) = spec.parts(params, di, dout);
     let r = spec.rank;
+    if r > 2 {
+        matmul(wm, dout, MatRef::row_major(b, r, di).t(), MatRef::row_major(a, r, dout), spec.scale, 0.0);
+        wm.par_chunks_mut(dout * 64).zip(wt.par_chunks(dout * 64)).for_each(|(w, w0)| scale_by(w, w0));
+        return;
+    }
     wm.par_chunks_mut(dout * 16).enumerate().for_each(|(blk, rows)| {
         for (k, wrow) in rows.chunks_exact_mut(dout).enumerate() {
             let i = blk * 16 + k;

@@ -1,0 +1,52 @@
+//! `flora bench ...`: benchmarks that print ratios measured in one run.
+
+mod chart;
+mod layers;
+
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One adapted projection: base vs LoRA (bmm baseline and ours) vs fLoRA (vectorized, merged,
+    /// cost-model) vs IA3, across widths, decode/prefill shapes, ranks and adapter popularity.
+    /// Writes DIR/layers.csv, DIR/layers.svg and DIR/layers.md, and prints inflection ranks.
+    Layers {
+        /// A small sweep (a minute or two) instead of the full one.
+        #[arg(long)]
+        quick: bool,
+        /// Output directory.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Seconds of timing per measurement (the median over the runs that fit, at least 3).
+        #[arg(long, default_value_t = 0.25)]
+        budget: f64,
+        /// Override the widths d (comma-separated), e.g. `--dims 576,4096`.
+        #[arg(long, value_delimiter = ',')]
+        dims: Option<Vec<usize>>,
+        /// Override the ranks (comma-separated), e.g. `--ranks 1,8,64`.
+        #[arg(long, value_delimiter = ',')]
+        ranks: Option<Vec<usize>>,
+    },
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Layers { quick, out, budget, dims, ranks } => layers::run(quick, &out, budget, dims, ranks),
+    }
+}
+
+/// A line describing this machine, for reports.
+pub fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let avx512 = std::fs::read_to_string("/proc/cpuinfo").map(|s| s.contains("avx512f")).unwrap_or(false);
+    format!(
+        "{cpu}, {} cores available, {} rayon threads{}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        rayon::current_num_threads(),
+        if avx512 { ", AVX-512" } else { "" }
+    )
+}
