@@ -79,11 +79,12 @@ pub fn plan_layer(batch: &AdapterBatch, adapters: &LayerAdapters, opts: &ExecOpt
     for seg in batch.segments() {
         let exec = match seg.slot {
             None => SegmentExec::Base,
+            // An empty slot: that adapter does not touch this projection (base weight).
+            Some(id) if matches!(slots.get(id as usize), Some(None)) => SegmentExec::Base,
             Some(id) => {
                 let spec = slots.get(id as usize).copied().flatten().ok_or_else(|| AdapterError::BadBatch {
                     layer: adapters.name().to_string(),
-                    msg: format!("rows {:?} use adapter slot {id}, but only {} slots exist ({})", seg.rows(), slots.len(),
-                        if (id as usize) < slots.len() { "that slot is empty" } else { "out of range" }),
+                    msg: format!("rows {:?} use adapter slot {id}, but only {} slots exist", seg.rows(), slots.len()),
                 })?;
                 match spec.kind {
                     SlotKind::Lora => SegmentExec::Lora(spec),

@@ -1,0 +1,93 @@
+//! Differentiable building blocks, composed only from candle ops that record gradients
+//! (candle's fused rms_norm / softmax_last_dim / rope kernels record none and would cut backprop).
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// `x / sqrt(mean(x^2) + eps) * w` over the last dim.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps as f64)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dim: exp(x - max) / sum.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// RoPE tables: `cos`, `sin` `[context, head_dim / 2]`, frequencies theta^(-2i/hd).
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+    pub context: usize,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f32, context: usize) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(context * half);
+        let mut sin = Vec::with_capacity(context * half);
+        for p in 0..context {
+            for i in 0..half {
+                let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                let a = p as f64 * freq;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self { cos, sin, half, context }
+    }
+
+    /// Rotate-half RoPE (HF layout) of `x [b, t, heads, hd]` at positions `0..t`, differentiably.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, t, _, hd) = x.dims4()?;
+        let dev = x.device();
+        let cos = Tensor::from_slice(&self.cos[..t * self.half], (t, self.half), dev)?;
+        let sin = Tensor::from_slice(&self.sin[..t * self.half], (t, self.half), dev)?;
+        let cos = Tensor::cat(&[&cos, &cos], 1)?.reshape((1, t, 1, hd))?;
+        let sin = Tensor::cat(&[&sin, &sin], 1)?.reshape((1, t, 1, hd))?;
+        let x1 = x.narrow(3, 0, self.half)?;
+        let x2 = x.narrow(3, self.half, self.half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+
+    /// In-place rotate-half RoPE of one head vector at position `pos` (inference path).
+    #[inline]
+    pub fn rotate(&self, v: &mut [f32], pos: usize) {
+        let h = self.half;
+        let (c, s) = (&self.cos[pos * h..(pos + 1) * h], &self.sin[pos * h..(pos + 1) * h]);
+        for i in 0..h {
+            let (a, b) = (v[i], v[i + h]);
+            v[i] = a * c[i] - b * s[i];
+            v[i + h] = b * c[i] + a * s[i];
+        }
+    }
+}
+
+/// Causal attention over full sequences, differentiably: `q [b, t, h, hd]`, `k`/`v [b, t, kv, hd]`
+/// (GQA: each kv head serves h/kv query heads). Returns `[b, t, h * hd]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, t, h, hd) = q.dims4()?;
+    let kv = k.dim(2)?;
+    let rep = h / kv;
+    let q = q.transpose(1, 2)?.contiguous()?; // [b, h, t, hd]
+    let expand = |x: &Tensor| -> Result<Tensor> {
+        // [b, t, kv, hd] -> [b, h, t, hd] with each kv head repeated `rep` times
+        let x = x.transpose(1, 2)?; // [b, kv, t, hd]
+        x.unsqueeze(2)?.expand((b, kv, rep, t, hd))?.reshape((b, h, t, hd))
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?; // [b, h, t, t]
+    let mask = causal_mask(t, q.device())?;
+    let p = softmax_last(&scores.broadcast_add(&mask)?)?;
+    p.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, h * hd))
+}
+
+fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    Tensor::from_vec(m, (t, t), dev)?.to_dtype(DType::F32)
+}

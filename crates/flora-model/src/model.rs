@@ -1,0 +1,299 @@
+//! The Llama-family model: RMSNorm, rotate-half RoPE, GQA attention, SwiGLU MLP, tied or untied
+//! embeddings. Every projection (q, k, v, o, gate, up, down) goes through the adapter seam
+//! `flora_adapters::adapted_linear`, with the rows' adapter slots in one `AdapterBatch`.
+//!
+//! Two entry points share the weights and the adapter seam:
+//! - [`Llama::forward_train`]: full sequences `[b, t]`, differentiable (training, reference);
+//! - [`Llama::step`]: one inference step over ragged sequences with KV caches (no gradient).
+
+use crate::adapters::ModelAdapters;
+use crate::attention::{ragged_attention, Heads, Span};
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::layers::{causal_attention, rms_norm, Rope};
+use crate::weights::Checkpoint;
+use candle_core::{DType, Device, Tensor};
+use flora_adapters::{adapted_linear, AdapterBatch, BaseWeight, ExecOptions, SlotId};
+
+/// The seven adaptable projections of a block, in PEFT's module names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// PEFT / HF module name (`q_proj`, ...).
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// Path inside a block (`self_attn.q_proj`, `mlp.down_proj`, ...).
+    pub fn path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn from_module(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.module() == name)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `(d_in, d_out)` of this projection.
+    pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
+        match self {
+            Proj::Q => (cfg.hidden, cfg.q_dim()),
+            Proj::K | Proj::V => (cfg.hidden, cfg.kv_dim()),
+            Proj::O => (cfg.q_dim(), cfg.hidden),
+            Proj::Gate | Proj::Up => (cfg.hidden, cfg.intermediate),
+            Proj::Down => (cfg.intermediate, cfg.hidden),
+        }
+    }
+}
+
+struct Block {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    proj: [BaseWeight; 7],
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: BaseWeight,
+    rope: Rope,
+    exec: ExecOptions,
+}
+
+/// Which positions of a sequence need logits in a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's part of an inference step.
+pub struct SeqStep<'a> {
+    /// New tokens (a prefill chunk, or one decode token).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Adapter slot in the `ModelAdapters` of the step (None: base model).
+    pub slot: Option<SlotId>,
+    pub logits: Logits,
+}
+
+impl Llama {
+    pub fn from_checkpoint(ck: Checkpoint) -> Result<Self> {
+        let Checkpoint { config: cfg, mut tensors, .. } = ck;
+        let mut take = |name: &str| tensors.remove(name).ok_or_else(|| ModelError::BadModel(format!("missing tensor {name}")));
+        let embed = take("model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_embeddings { BaseWeight::from_out_in(&embed)? } else { BaseWeight::from_out_in(&take("lm_head.weight")?)? };
+        let norm = take("model.norm.weight")?;
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("model.layers.{i}");
+            let mut proj = Vec::with_capacity(7);
+            for pr in Proj::ALL {
+                proj.push(BaseWeight::from_out_in(&take(&format!("{p}.{}.weight", pr.path()))?)?);
+            }
+            blocks.push(Block {
+                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
+                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                proj: proj.try_into().map_err(|_| ModelError::BadModel("projections".into()))?,
+            });
+        }
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context);
+        Ok(Self { cfg, embed, blocks, norm, lm_head, rope, exec: ExecOptions::default() })
+    }
+
+    /// A random model (tests): weights ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), norms ~ 1.
+    pub fn random(cfg: LlamaConfig, seed: u64) -> Result<Self> {
+        let mut rng = flora_adapters::init::WeightRng::new(seed);
+        let dev = Device::Cpu;
+        let mut tensors = std::collections::HashMap::new();
+        let mut put = |name: String, dims: (usize, usize), rng: &mut flora_adapters::init::WeightRng| -> Result<()> {
+            let t = Tensor::from_vec(rng.uniform(dims.0 * dims.1, 1.0 / (dims.1 as f32).sqrt()), dims, &dev)?;
+            tensors.insert(name, t);
+            Ok(())
+        };
+        put("model.embed_tokens.weight".into(), (cfg.vocab, cfg.hidden), &mut rng)?;
+        if !cfg.tie_embeddings {
+            put("lm_head.weight".into(), (cfg.vocab, cfg.hidden), &mut rng)?;
+        }
+        for i in 0..cfg.n_layers {
+            for pr in Proj::ALL {
+                let (di, dout) = pr.dims(&cfg);
+                put(format!("model.layers.{i}.{}.weight", pr.path()), (dout, di), &mut rng)?;
+            }
+        }
+        let norm = |rng: &mut flora_adapters::init::WeightRng| -> Result<Tensor> {
+            let v: Vec<f32> = rng.uniform(cfg.hidden, 0.2).into_iter().map(|x| 1.0 + x).collect();
+            Ok(Tensor::from_vec(v, cfg.hidden, &dev)?)
+        };
+        tensors.insert("model.norm.weight".into(), norm(&mut rng)?);
+        for i in 0..cfg.n_layers {
+            tensors.insert(format!("model.layers.{i}.input_layernorm.weight"), norm(&mut rng)?);
+            tensors.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), norm(&mut rng)?);
+        }
+        Self::from_checkpoint(Checkpoint { config: cfg, tensors, gguf: None })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// How fLoRA segments are executed (cost model or forced path).
+    pub fn set_exec_options(&mut self, exec: ExecOptions) {
+        self.exec = exec;
+    }
+
+    /// A fresh, empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.n_layers, self.cfg.kv_dim())
+    }
+
+    fn heads(&self) -> Heads {
+        Heads { n_heads: self.cfg.n_heads, n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim }
+    }
+
+    fn proj(&self, x: &Tensor, layer: usize, p: Proj, batch: &AdapterBatch, adapters: Option<&ModelAdapters>) -> Result<Tensor> {
+        let la = adapters.and_then(|a| a.get(layer, p));
+        Ok(adapted_linear(x, &self.blocks[layer].proj[p.index()], batch, la, &self.exec)?)
+    }
+
+    fn mlp(&self, x: &Tensor, layer: usize, batch: &AdapterBatch, adapters: Option<&ModelAdapters>) -> Result<Tensor> {
+        let gate = self.proj(x, layer, Proj::Gate, batch, adapters)?;
+        let up = self.proj(x, layer, Proj::Up, batch, adapters)?;
+        self.proj(&(gate.silu()? * up)?, layer, Proj::Down, batch, adapters)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(ModelError::BadInput(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab)));
+        }
+        Ok(())
+    }
+
+    /// Full-sequence, differentiable forward. `tokens [b, t]`; `slots[i]` is example i's adapter.
+    /// Returns logits `[b, t, vocab]`.
+    pub fn forward_train(&self, tokens: &[Vec<u32>], slots: &[Option<SlotId>], adapters: Option<&ModelAdapters>) -> Result<Tensor> {
+        let b = tokens.len();
+        let t = tokens.first().map_or(0, |x| x.len());
+        if b == 0 || t == 0 || tokens.iter().any(|x| x.len() != t) || slots.len() != b {
+            return Err(ModelError::BadInput(format!("forward_train wants {b} equal-length sequences and one slot each")));
+        }
+        if t > self.cfg.context {
+            return Err(ModelError::BadInput(format!("sequence of {t} tokens exceeds the context of {}", self.cfg.context)));
+        }
+        let flat: Vec<u32> = tokens.concat();
+        self.check_tokens(&flat)?;
+        let batch = AdapterBatch::from_runs(&slots.iter().map(|&s| (t, s)).collect::<Vec<_>>());
+        let c = &self.cfg;
+        let ids = Tensor::from_vec(flat, b * t, self.embed.device())?;
+        let mut h = self.embed.index_select(&ids, 0)?; // [b*t, hidden]
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let x = rms_norm(&h, &blk.attn_norm, c.rms_eps)?;
+            let q = self.proj(&x, li, Proj::Q, &batch, adapters)?.reshape((b, t, c.n_heads, c.head_dim))?;
+            let k = self.proj(&x, li, Proj::K, &batch, adapters)?.reshape((b, t, c.n_kv_heads, c.head_dim))?;
+            let v = self.proj(&x, li, Proj::V, &batch, adapters)?.reshape((b, t, c.n_kv_heads, c.head_dim))?;
+            let (q, k) = (self.rope.apply(&q)?, self.rope.apply(&k)?);
+            let a = causal_attention(&q, &k, &v)?.reshape((b * t, c.q_dim()))?;
+            h = (h + self.proj(&a, li, Proj::O, &batch, adapters)?)?;
+            let x = rms_norm(&h, &blk.ffn_norm, c.rms_eps)?;
+            h = (&h + self.mlp(&x, li, &batch, adapters)?)?;
+        }
+        let h = rms_norm(&h, &self.norm, c.rms_eps)?;
+        let logits = adapted_linear(&h, &self.lm_head, &AdapterBatch::base_only(b * t), None, &self.exec)?;
+        Ok(logits.reshape((b, t, c.vocab))?)
+    }
+
+    /// One inference step over ragged sequences. Appends to each sequence's cache and returns
+    /// logits `[rows, vocab]` for the requested positions, sequence by sequence.
+    pub fn step(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {
+        let c = &self.cfg;
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut tokens = Vec::new();
+        let mut runs = Vec::with_capacity(seqs.len());
+        let mut logit_rows = Vec::new();
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::BadInput("a sequence in the step has no tokens".into()));
+            }
+            if s.cache.len() + s.tokens.len() > c.context {
+                return Err(ModelError::BadInput(format!(
+                    "sequence would reach {} tokens, over the model's context of {}",
+                    s.cache.len() + s.tokens.len(),
+                    c.context
+                )));
+            }
+            if s.cache.kv_dim() != c.kv_dim() {
+                return Err(ModelError::BadInput("KV cache belongs to another model".into()));
+            }
+            let start = tokens.len();
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => logit_rows.push((start + s.tokens.len() - 1) as u32),
+                Logits::All => logit_rows.extend((start..start + s.tokens.len()).map(|r| r as u32)),
+            }
+            spans.push(Span { start, len: s.tokens.len() });
+            runs.push((s.tokens.len(), s.slot));
+            tokens.extend_from_slice(s.tokens);
+        }
+        self.check_tokens(&tokens)?;
+        let n = tokens.len();
+        let batch = AdapterBatch::from_runs(&runs);
+        let dev = self.embed.device().clone();
+        let mut h = self.embed.index_select(&Tensor::from_vec(tokens, n, &dev)?, 0)?;
+        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let x = rms_norm(&h, &blk.attn_norm, c.rms_eps)?;
+            let mut q = self.proj(&x, li, Proj::Q, &batch, adapters)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut k = self.proj(&x, li, Proj::K, &batch, adapters)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = self.proj(&x, li, Proj::V, &batch, adapters)?.flatten_all()?.to_vec1::<f32>()?;
+            let a = ragged_attention(&mut q, &mut k, &v, &spans, &mut caches, li, self.heads(), &self.rope);
+            let a = Tensor::from_vec(a, (n, c.q_dim()), &dev)?;
+            h = (h + self.proj(&a, li, Proj::O, &batch, adapters)?)?;
+            let x = rms_norm(&h, &blk.ffn_norm, c.rms_eps)?;
+            h = (&h + self.mlp(&x, li, &batch, adapters)?)?;
+        }
+        for (cache, span) in caches.iter_mut().zip(&spans) {
+            cache.advance(span.len);
+        }
+        let n_logits = logit_rows.len();
+        if n_logits == 0 {
+            return Ok(Tensor::zeros((0, c.vocab), DType::F32, &dev)?);
+        }
+        let h = h.index_select(&Tensor::from_vec(logit_rows, n_logits, &dev)?, 0)?;
+        let h = rms_norm(&h, &self.norm, c.rms_eps)?;
+        Ok(adapted_linear(&h, &self.lm_head, &AdapterBatch::base_only(n_logits), None, &self.exec)?)
+    }
+}

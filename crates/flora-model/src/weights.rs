@@ -1,0 +1,173 @@
+//! Loading model weights (f32, HF tensor names) from GGUF or safetensors checkpoints.
+//!
+//! GGUF files store llama.cpp's layout: names like `blk.3.attn_q.weight`, and the q/k
+//! projections' rows permuted for interleaved RoPE. We map names to HF's
+//! (`model.layers.3.self_attn.q_proj.weight`) and undo the permutation, so the model runs
+//! HF's rotate-half RoPE and PEFT adapters (trained against HF layouts) apply unchanged.
+//! Quantized tensors are dequantized to f32 at load.
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Named f32 tensors in HF naming, plus the config.
+pub struct Checkpoint {
+    pub config: LlamaConfig,
+    pub tensors: HashMap<String, Tensor>,
+    /// GGUF metadata (tokenizer, chat template) when loaded from GGUF.
+    pub gguf: Option<gguf_file::Content>,
+}
+
+fn file_err(path: &Path, msg: impl std::fmt::Display) -> ModelError {
+    ModelError::File { path: path.display().to_string(), msg: msg.to_string() }
+}
+
+/// Loads a `.gguf` file, or a directory / `.safetensors` file with a HF `config.json` beside it.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    if !path.exists() {
+        return Err(file_err(path, "no such file or directory"));
+    }
+    let is_gguf = path.is_file() && {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+    };
+    if is_gguf {
+        load_gguf(path)
+    } else if path.is_dir() || path.extension().is_some_and(|e| e == "safetensors") {
+        load_safetensors(path)
+    } else {
+        Err(file_err(path, "not a GGUF file (bad magic) nor a safetensors checkpoint"))
+    }
+}
+
+fn gguf_name_to_hf(name: &str) -> Option<String> {
+    let simple = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation: rows grouped [heads, hd/2, 2] -> [heads, 2, hd/2].
+pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (out, d_in) = w.dims2()?;
+    let hd = out / n_heads;
+    Ok(w.reshape((n_heads, hd / 2, 2, d_in))?.transpose(1, 2)?.reshape((out, d_in))?.contiguous()?)
+}
+
+fn load_gguf(path: &Path) -> Result<Checkpoint> {
+    let mut file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| file_err(path, format!("unreadable GGUF header: {e}")))?;
+    let config = LlamaConfig::from_gguf(&content).map_err(|e| file_err(path, e))?;
+    let file_len = file.metadata().map_err(|e| file_err(path, e))?.len();
+    let mut tensors = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let info = &content.tensor_infos[name];
+        let Some(hf) = gguf_name_to_hf(name) else { continue };
+        let end = content.tensor_data_offset + info.offset + (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+        if end > file_len {
+            return Err(file_err(path, format!("truncated: tensor {name} ends at byte {end}, the file has {file_len}")));
+        }
+        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| file_err(path, format!("tensor {name}: {e}")))?;
+        let t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| file_err(path, format!("tensor {name} ({:?}): cannot dequantize: {e}", info.ggml_dtype)))?
+            .to_dtype(DType::F32)?;
+        let t = if hf.ends_with("q_proj.weight") {
+            unpermute_qk(&t, config.n_heads)?
+        } else if hf.ends_with("k_proj.weight") {
+            unpermute_qk(&t, config.n_kv_heads)?
+        } else {
+            t
+        };
+        tensors.insert(hf, t);
+    }
+    check_complete(&config, &tensors).map_err(|e| file_err(path, e))?;
+    Ok(Checkpoint { config, tensors, gguf: Some(content) })
+}
+
+fn load_safetensors(path: &Path) -> Result<Checkpoint> {
+    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let cfg_text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| file_err(&dir.join("config.json"), e))?;
+    let config = LlamaConfig::from_hf_json(&cfg_text)?;
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| file_err(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    if files.is_empty() {
+        return Err(file_err(&dir, "no .safetensors files"));
+    }
+    let mut tensors = HashMap::new();
+    for f in files {
+        let loaded = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| file_err(&f, e))?;
+        for (k, v) in loaded {
+            tensors.insert(k, v.to_dtype(DType::F32)?);
+        }
+    }
+    check_complete(&config, &tensors).map_err(|e| file_err(path, e))?;
+    Ok(Checkpoint { config, tensors, gguf: None })
+}
+
+/// Every tensor the model needs is present with the right shape.
+fn check_complete(cfg: &LlamaConfig, t: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    let mut want: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![cfg.vocab, cfg.hidden]),
+        ("model.norm.weight".into(), vec![cfg.hidden]),
+    ];
+    if !cfg.tie_embeddings {
+        want.push(("lm_head.weight".into(), vec![cfg.vocab, cfg.hidden]));
+    }
+    for i in 0..cfg.n_layers {
+        let p = format!("model.layers.{i}");
+        want.push((format!("{p}.input_layernorm.weight"), vec![cfg.hidden]));
+        want.push((format!("{p}.post_attention_layernorm.weight"), vec![cfg.hidden]));
+        want.push((format!("{p}.self_attn.q_proj.weight"), vec![cfg.q_dim(), cfg.hidden]));
+        want.push((format!("{p}.self_attn.k_proj.weight"), vec![cfg.kv_dim(), cfg.hidden]));
+        want.push((format!("{p}.self_attn.v_proj.weight"), vec![cfg.kv_dim(), cfg.hidden]));
+        want.push((format!("{p}.self_attn.o_proj.weight"), vec![cfg.hidden, cfg.q_dim()]));
+        want.push((format!("{p}.mlp.gate_proj.weight"), vec![cfg.intermediate, cfg.hidden]));
+        want.push((format!("{p}.mlp.up_proj.weight"), vec![cfg.intermediate, cfg.hidden]));
+        want.push((format!("{p}.mlp.down_proj.weight"), vec![cfg.hidden, cfg.intermediate]));
+    }
+    for (name, dims) in want {
+        match t.get(&name) {
+            None => return Err(format!("missing tensor {name}")),
+            Some(x) if x.dims() != dims.as_slice() => return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", x.dims())),
+            _ => {}
+        }
+    }
+    Ok(())
+}
