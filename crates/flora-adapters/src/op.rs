@@ -44,7 +44,8 @@ impl BaseWeight {
 
 /// `y [.., d_out]` = the adapted projection of `x [.., d_in]` (rows = all leading dims
 /// flattened), each row using the adapter its slot in `batch` names (see `crate::params` for
-/// the math of each kind). `adapters = None` runs the base weight alone.
+/// the math of each kind). `adapters = None` (no adapter targets this projection) runs the
+/// base weight for every row, whatever slots the batch names.
 pub fn adapted_linear(
     x: &Tensor,
     base: &BaseWeight,
@@ -52,12 +53,13 @@ pub fn adapted_linear(
     adapters: Option<&LayerAdapters>,
     opts: &ExecOptions,
 ) -> Result<Tensor> {
-    let empty;
-    let adapters = match adapters {
-        Some(a) => a,
+    let (empty, base_rows);
+    let (adapters, batch) = match adapters {
+        Some(a) => (a, batch),
         None => {
             empty = LayerAdapters::empty("base", base.d_in, base.d_out, x.device())?;
-            &empty
+            base_rows = AdapterBatch::base_only(batch.n_rows());
+            (&empty, &base_rows)
         }
     };
     let dims = x.dims().to_vec();

@@ -4,6 +4,7 @@
 pub mod adapters;
 pub mod attention;
 pub mod config;
+pub mod default_model;
 pub mod error;
 pub mod kv_cache;
 pub mod layers;
