@@ -62,8 +62,10 @@ pub fn matmul_rows(
     assert!((k - 1) * ldb + n <= b.len(), "skinny: B out of bounds");
     assert!((m - 1) * ldc + n <= c.len(), "skinny: C out of bounds");
     let n_panels = n.div_ceil(NR);
-    let flops = 2 * m * n * k;
-    let n_chunks = if flops < (1 << 20) { 1 } else { super::matmul::n_threads().min(n_panels) };
+    // Threads pay off once there is enough arithmetic, or enough weight to stream (decode at
+    // batch 1 is bandwidth-bound: two cores pull more bytes than one).
+    let (flops, b_bytes) = (2 * m * n * k, 4 * k * n);
+    let n_chunks = if flops < (1 << 20) && b_bytes < (1 << 19) { 1 } else { super::matmul::n_threads().min(n_panels) };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let cp = SendPtr(c.as_mut_ptr());
     let run = |chunk: usize| {
