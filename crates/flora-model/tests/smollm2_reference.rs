@@ -1,0 +1,80 @@
+//! The real default model against the reference implementation (transformers, f32, the same
+//! GGUF dequantized): last-position logits (all 49152), argmax at every position, top-10 at the
+//! first positions, and 32-token greedy continuations. Data: testdata/smollm2/logits_ref.json and
+//! logits_ref_last.npy (scripts/reference/make_reference.py).
+
+use flora_model::sampling::argmax;
+use flora_model::{Llama, Logits, SeqStep};
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// Max |ours - reference| over all logits of a row, relative to the row's largest |logit|.
+const TOL: f32 = 1e-3;
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/smollm2")
+}
+
+/// A little-endian f32 `.npy` file (format version 1 or 2) as (shape, values).
+fn read_npy(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY", "not an npy file");
+    let (hlen, start) = if b[6] == 1 { (u16::from_le_bytes([b[8], b[9]]) as usize, 10) } else { (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12) };
+    let header = std::str::from_utf8(&b[start..start + hlen]).unwrap();
+    assert!(header.contains("'<f4'") && header.contains("'fortran_order': False"), "{header}");
+    let shape_txt = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> = shape_txt.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let vals = b[start + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    (shape, vals)
+}
+
+#[test]
+fn logits_and_greedy_tokens_match_the_reference() {
+    let path = flora_model::default_model::resolve_model(None).expect("default model (scripts/reference/fetch_model.sh fetches it)");
+    let model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(data().join("logits_ref.json")).unwrap()).unwrap();
+    let (shape, last_all) = read_npy(&data().join("logits_ref_last.npy"));
+    let vocab = model.config().vocab;
+    assert_eq!(shape, vec![4, vocab]);
+    for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
+        let name = p["name"].as_str().unwrap();
+        let ids: Vec<u32> = p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let mut cache = model.new_cache();
+        let rows: Vec<Vec<f32>> = model
+            .step(&mut [SeqStep { tokens: &ids, cache: &mut cache, slot: None, logits: Logits::All }], None)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        // Every logit of the last position.
+        let want = &last_all[pi * vocab..(pi + 1) * vocab];
+        let last = rows.last().unwrap();
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        let err = last.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err <= TOL * scale, "{name}: max |logit diff| {err} (scale {scale})");
+        // Argmax at every position and the first positions' top-10 values.
+        let want_argmax: Vec<u32> = p["argmax_per_position"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(rows.iter().map(|r| argmax(r)).collect::<Vec<_>>(), want_argmax, "{name}: argmax per position");
+        for (pos, top) in p["first_positions_top10"].as_array().unwrap().iter().enumerate() {
+            for pair in top.as_array().unwrap() {
+                let (id, v) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+                assert!((rows[pos][id] - v).abs() <= TOL * v.abs().max(1.0) * 4.0, "{name}: position {pos} id {id}: {} vs {v}", rows[pos][id]);
+            }
+        }
+        // Greedy continuation through the KV cache, token for token (up to a near-tie).
+        let greedy = &p["greedy"];
+        let want_ids: Vec<u32> = greedy["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let margins: Vec<f64> = greedy["top1_minus_top2_margin"].as_array().map(|m| m.iter().map(|v| v.as_f64().unwrap()).collect()).unwrap_or_else(|| vec![1.0; want_ids.len()]);
+        let mut next = argmax(last);
+        let mut matched = 0;
+        for (k, &want) in want_ids.iter().enumerate() {
+            if margins[k] < 0.01 {
+                break;
+            }
+            assert_eq!(next, want, "{name}: greedy token {k}");
+            matched += 1;
+            let l = model.step(&mut [SeqStep { tokens: &[next], cache: &mut cache, slot: None, logits: Logits::Last }], None).unwrap();
+            next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
+        }
+        assert!(matched >= 8, "{name}: only {matched} greedy tokens compared");
+    }
+}
