@@ -87,3 +87,18 @@ fn truncated_real_model_is_refused() {
     assert!(err.contains("truncated"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn non_llama_gguf_is_refused() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let dir = tmp("arch");
+    let path = dir.join("gpt2.gguf");
+    let t = QTensor::quantize(&candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let arch = gguf_file::Value::String("gpt2".into());
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &t)]).unwrap();
+    drop(f);
+    let err = flora_model::weights::load(&path).err().expect("must fail").to_string();
+    assert!(err.contains("gpt2") && err.contains("Llama-family"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
