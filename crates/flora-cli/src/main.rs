@@ -1,6 +1,9 @@
 //! `flora`: train and serve many low-rank adapters over one foundation model.
 
 mod bench;
+mod generate;
+mod load;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 
@@ -18,11 +21,17 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Stream a completion of a prompt (optionally with an adapter) to stdout.
+    Generate(generate::GenerateArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench { what } => bench::run(what),
+        Command::Generate(args) => generate::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     }
 }

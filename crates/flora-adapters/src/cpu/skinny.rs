@@ -4,8 +4,8 @@
 //!
 //! Blocked general GEMM libraries pack `B` for reuse across many rows; with m = 32 that packing
 //! is pure overhead. Here each `KC x NR` block of `B` is read straight from memory once and
-//! reused from L1 for every `MR`-row block of `A`, so the weight is streamed once per call.
-//! Columns are split across threads in `NR`-wide panels.
+//! reused from L1 for every `MR`-row block of `A`, so the weight is streamed once per call, in
+//! k-blocks of KC whole rows (sequential reads). Columns are split across threads.
 //!
 //! Only compiled into use on x86-64 with AVX-512F (checked at run time); elsewhere
 //! [`wants`] returns false and callers use the general path.
@@ -105,21 +105,24 @@ mod x86 {
         alpha: f32,
         beta: f32,
     ) {
-        let mut jb = j0;
-        while jb < j1 {
-            let nr = NR.min(j1 - jb);
-            let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
-            let mut kb = 0;
-            while kb < k {
-                let kc = KC.min(k - kb);
-                let first = kb == 0;
+        // k-blocks outermost: the KC rows of B a block needs are read left to right across
+        // all column panels (sequential within each row, few pages at a time), instead of
+        // walking one narrow panel down all k rows (one page per row: TLB-bound at d = 4096).
+        let mut kb = 0;
+        while kb < k {
+            let kc = KC.min(k - kb);
+            let first = kb == 0;
+            let (scale_c, scale_acc) = if first { (beta, alpha) } else { (1.0, alpha) };
+            let mut jb = j0;
+            while jb < j1 {
+                let nr = NR.min(j1 - jb);
+                let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
                 let mut ib = 0;
                 while ib < m {
                     let mr = MR.min(m - ib);
                     let ap = a.add(ib * lda + kb);
                     let bp = b.add(kb * ldb + jb);
                     let cp = c.add(ib * ldc + jb);
-                    let (scale_c, scale_acc) = if first { (beta, alpha) } else { (1.0, alpha) };
                     match mr {
                         8 => micro::<8>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
                         7 => micro::<7>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
@@ -132,9 +135,9 @@ mod x86 {
                     }
                     ib += MR;
                 }
-                kb += KC;
+                jb += NR;
             }
-            jb += NR;
+            kb += KC;
         }
     }
 

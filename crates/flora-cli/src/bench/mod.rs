@@ -2,6 +2,7 @@
 
 mod chart;
 mod layers;
+mod model;
 
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -28,11 +29,37 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',')]
         ranks: Option<Vec<usize>>,
     },
+    /// The real model: prefill and decode tokens/s at batch 1, 8, 32, base-only and with a
+    /// distinct adapter per sequence (LoRA r=8, fLoRA r=1, 2, 4), and peak memory.
+    /// Writes DIR/model.csv and DIR/model.md.
+    Model {
+        /// Model file; default: $FLORA_MODEL, else the default model (fetched into the cache).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Batches 1 and 8, fewer adapter settings.
+        #[arg(long)]
+        quick: bool,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Decode steps timed after the prefill.
+        #[arg(long, default_value_t = 16)]
+        decode_steps: usize,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Layers { quick, out, budget, dims, ranks } => layers::run(quick, &out, budget, dims, ranks),
+        BenchCommand::Model { model, out, quick, prompt_len, decode_steps } => {
+            if prompt_len == 0 || decode_steps == 0 {
+                anyhow::bail!("--prompt-len and --decode-steps must be positive");
+            }
+            model::run(model.as_deref(), &out, quick, prompt_len, decode_steps)
+        }
     }
 }
 

@@ -1,0 +1,34 @@
+//! Tokenizer for flora, built from the metadata of a GGUF model file.
+//!
+//! * [`Tokenizer`]: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the
+//!   pre-tokenizer named by `tokenizer.ggml.pre` (`smollm`, `gpt2`,
+//!   `llama-bpe`, `default`); special tokens written in text are recognised.
+//!   Produces the same ids as llama.cpp.
+//! * [`StreamDecoder`]: incremental decoding for streamed generation.
+//! * [`ChatTemplate`]: the model's Jinja chat template (`tokenizer.chat_template`).
+//!
+//! ```no_run
+//! # fn main() -> flora_tokenizer::Result<()> {
+//! use flora_tokenizer::{ChatMessage, Tokenizer};
+//! let tok = Tokenizer::from_gguf("model.gguf")?;
+//! let prompt = tok.chat_template()?.render(&[ChatMessage::user("Hi!")], true)?;
+//! let ids = tok.encode(&prompt)?;
+//! assert_eq!(tok.decode(&ids)?, prompt);
+//! # Ok(()) }
+//! ```
+
+pub mod byte_level;
+mod chat;
+mod error;
+mod gguf;
+mod metadata;
+mod pretokenizer;
+mod stream;
+mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use error::{Error, Result};
+pub use metadata::{TokenType, TokenizerMetadata};
+pub use pretokenizer::PreTokenizerKind;
+pub use stream::StreamDecoder;
+pub use tokenizer::Tokenizer;
