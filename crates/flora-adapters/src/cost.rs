@@ -57,27 +57,30 @@ impl CostModel {
     }
 
     /// Extra seconds an fLoRA segment of `n_rows` at rank `r` adds when its r scaled row copies
-    /// join the shared base GEMM (paper Eq. 6): the GEMM work of r*n rows, plus stacking the
-    /// copies and reducing the r outputs.
-    pub fn flora_vectorized_time(&self, n_rows: usize, r: usize, d_in: usize, d_out: usize) -> f64 {
-        let rows = r * n_rows;
-        let flops = 2.0 * (rows * d_in * d_out) as f64 / self.rate(rows);
-        let bytes = 4.0 * 2.0 * (rows * (d_in + d_out)) as f64;
-        flops + bytes / self.bandwidth
+    /// join the shared base GEMM of `shared_rows` rows in total (paper Eq. 6): the growth of that
+    /// GEMM (nearly free while it is bandwidth-bound, decode; r*n rows of work once it is
+    /// compute-bound, prefill), plus stacking the copies and reducing the r outputs.
+    pub fn flora_vectorized_time(&self, shared_rows: usize, n_rows: usize, r: usize, d_in: usize, d_out: usize) -> f64 {
+        let extra = r * n_rows;
+        let grow = self.gemm_time(shared_rows.max(extra), d_in, d_out) - self.gemm_time(shared_rows.max(extra) - extra, d_in, d_out);
+        let bytes = 4.0 * 2.0 * (extra * (d_in + d_out)) as f64;
+        grow.max(0.0) + bytes / self.bandwidth
     }
 
-    /// Seconds of running the segment on its own merged weight: build W0 o (1/r) b^T a in one
-    /// fused pass (r multiply-adds per element; reads W0, writes the new weight), then one GEMM
-    /// that streams the new weight.
+    /// Seconds of running the segment on its own merged weight, built tile by tile in cache
+    /// (r multiply-adds per weight element) and consumed at once by the segment's GEMM, which
+    /// streams W0 once like any GEMM of `n_rows` rows.
     pub fn flora_merged_time(&self, n_rows: usize, r: usize, d_in: usize, d_out: usize) -> f64 {
         let dd = (d_in * d_out) as f64;
-        let build = self.call_overhead + (2.0 * r as f64 * dd / (0.5 * self.rate(d_in))).max(8.0 * dd / self.bandwidth);
-        build + self.gemm_time(n_rows, d_in, d_out).max(4.0 * dd / self.bandwidth)
+        let build = 2.0 * r as f64 * dd / (0.5 * self.rate(1 << 20));
+        let tiles = d_in.div_ceil(64) as f64 * self.call_overhead;
+        build + tiles + self.gemm_time(n_rows, d_in, d_out)
     }
 
-    /// Whether the merged path is predicted faster for this segment.
-    pub fn prefers_merged(&self, n_rows: usize, r: usize, d_in: usize, d_out: usize) -> bool {
-        self.flora_merged_time(n_rows, r, d_in, d_out) < self.flora_vectorized_time(n_rows, r, d_in, d_out)
+    /// Whether the merged path is predicted faster for a segment whose vectorized rows would
+    /// join a shared GEMM of `shared_rows` rows.
+    pub fn prefers_merged(&self, shared_rows: usize, n_rows: usize, r: usize, d_in: usize, d_out: usize) -> bool {
+        self.flora_merged_time(n_rows, r, d_in, d_out) < self.flora_vectorized_time(shared_rows, n_rows, r, d_in, d_out)
     }
 
     /// The paper's Eq. 7 decision (fLoRA vs bmm-LoRA) in its own terms, for comparison:
@@ -135,11 +138,13 @@ mod tests {
     #[test]
     fn decode_prefers_vectorized_prefill_prefers_merged() {
         let c = CostModel::default();
-        // One decode row at rank 1: merged would stream two extra weight copies.
-        assert!(!c.prefers_merged(1, 1, 576, 576));
-        // A 64-row prefill segment at rank 8: vectorized would do 8x the GEMM work.
-        assert!(c.prefers_merged(64, 8, 576, 576));
-        assert!(c.prefers_merged(64, 4, 4096, 4096));
+        // Decode: one row at rank 4 joining a 32-row shared GEMM costs almost nothing there,
+        // while merging would stream the weight once more for a single row.
+        assert!(!c.prefers_merged(32 + 4, 1, 4, 576, 576));
+        assert!(!c.prefers_merged(32 + 4, 1, 4, 4096, 4096));
+        // Prefill: a 64-row segment at rank 8 would add 512 rows of GEMM work.
+        assert!(c.prefers_merged(512, 64, 8, 576, 576));
+        assert!(c.prefers_merged(512, 64, 4, 4096, 4096));
     }
 
     #[test]

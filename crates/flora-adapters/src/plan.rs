@@ -73,6 +73,10 @@ impl LayerPlan {
 }
 
 /// Resolves every segment's slot and picks its execution. Errors name the layer.
+///
+/// fLoRA under `Auto`: every fLoRA segment starts vectorized (joining the shared GEMM); then,
+/// largest first, a segment goes merged when the cost model predicts its own merged GEMM is
+/// cheaper than what its r*n row copies add to the shared GEMM (which shrinks as it does).
 pub fn plan_layer(batch: &AdapterBatch, adapters: &LayerAdapters, opts: &ExecOptions) -> Result<LayerPlan> {
     let slots = adapters.slots();
     let mut segments = Vec::with_capacity(batch.segments().len());
@@ -90,18 +94,30 @@ pub fn plan_layer(batch: &AdapterBatch, adapters: &LayerAdapters, opts: &ExecOpt
                     SlotKind::Lora => SegmentExec::Lora(spec),
                     SlotKind::Ia3Out => SegmentExec::Ia3Out(spec),
                     SlotKind::Ia3In => SegmentExec::Ia3In(spec),
-                    SlotKind::Flora => {
-                        let merged = match opts.flora {
-                            FloraPolicy::Vectorized => false,
-                            FloraPolicy::Merged => true,
-                            FloraPolicy::Auto => opts.cost.prefers_merged(seg.len, spec.rank, adapters.d_in(), adapters.d_out()),
-                        };
-                        if merged { SegmentExec::FloraMerged(spec) } else { SegmentExec::FloraVectorized(spec) }
-                    }
+                    SlotKind::Flora if opts.flora == FloraPolicy::Merged => SegmentExec::FloraMerged(spec),
+                    SlotKind::Flora => SegmentExec::FloraVectorized(spec),
                 }
             }
         };
         segments.push((*seg, exec));
     }
-    Ok(LayerPlan { d_in: adapters.d_in(), d_out: adapters.d_out(), n_rows: batch.n_rows(), segments })
+    let mut plan = LayerPlan { d_in: adapters.d_in(), d_out: adapters.d_out(), n_rows: batch.n_rows(), segments };
+    if opts.flora == FloraPolicy::Auto {
+        choose_flora_paths(&mut plan, &opts.cost);
+    }
+    Ok(plan)
+}
+
+fn choose_flora_paths(plan: &mut LayerPlan, cost: &CostModel) {
+    let mut order: Vec<usize> = (0..plan.segments.len()).filter(|&i| matches!(plan.segments[i].1, SegmentExec::FloraVectorized(_))).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(plan.segments[i].1.stacked_rows(plan.segments[i].0.len)));
+    let mut shared = plan.n_stacked_rows();
+    for i in order {
+        let (seg, exec) = plan.segments[i];
+        let SegmentExec::FloraVectorized(spec) = exec else { continue };
+        if cost.prefers_merged(shared, seg.len, spec.rank, plan.d_in, plan.d_out) {
+            plan.segments[i].1 = SegmentExec::FloraMerged(spec);
+            shared -= spec.rank * seg.len;
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //!   1. ONE shared GEMM with W0 over the stacked rows of every segment except merged fLoRA
 //!      segments (base/LoRA/IA3 rows, l o x rows, and the r copies b_j o x of vectorized fLoRA
 //!      rows); when every row enters unchanged, x itself is the GEMM input (no copy).
-//!   2. Merged fLoRA segments: W = W0 o (1/r) sum_j a_j b_j^T built once, one GEMM each.
+//!   2. Merged fLoRA segments: W = W0 o (1/r) sum_j a_j b_j^T built tile by tile (64 rows of
+//!      [d_in, d_out] at a time, cache-resident) and consumed by the segment's GEMM at once.
 //!   3. Epilogues per segment: LoRA shrink/expand (gather-style, the segment's own rank, no
 //!      padding), IA3 scaling, fLoRA rank reduction.
 
@@ -35,14 +36,19 @@ pub fn forward(x: &[f32], wt: &[f32], params: &[f32], plan: &LayerPlan) -> Vec<f
     } else {
         shared_stacked_gemm(x, w, params, plan, &mut y);
     }
-    for (seg, exec) in &plan.segments {
+    // Merged fLoRA segments: several run in parallel (each single-threaded, no per-call
+    // dispatch); a lone one uses all threads inside its GEMMs.
+    let merged: Vec<(&mut [f32], &Segment, &SegmentExec)> =
+        split_segments_mut(&mut y, dout, &plan.segments).into_iter().filter(|(_, _, e)| matches!(e, SegmentExec::FloraMerged(_))).collect();
+    let run = |(ys, seg, exec): (&mut [f32], &Segment, &SegmentExec)| {
         if let SegmentExec::FloraMerged(spec) = exec {
-            with_scratch(0, di * dout, |wm| {
-                merged_weight(wm, wt, spec, params, di, dout);
-                let xs = MatRef::row_major(&x[seg.start * di..(seg.start + seg.len) * di], seg.len, di);
-                matmul(&mut y[seg.start * dout..(seg.start + seg.len) * dout], dout, xs, MatRef::row_major(wm, di, dout), 1.0, 0.0);
-            });
+            merged_segment(ys, &x[seg.start * di..(seg.start + seg.len) * di], seg.len, wt, spec, params, di, dout);
         }
+    };
+    if merged.len() > 1 && super::matmul::n_threads() > 1 {
+        merged.into_par_iter().for_each(|job| super::matmul::serial(|| run(job)));
+    } else {
+        merged.into_iter().for_each(run);
     }
     epilogues(x, params, plan, &mut y);
     y
@@ -118,26 +124,48 @@ fn reduce_rank(ys: &mut [f32], z: &[f32], a: &[f32], spec: &SlotSpec, len: usize
     }
 }
 
-/// `wm [d_in, d_out] = wt o (scale * b^T a)`: row i is `wt[i] o (scale * sum_j b_j[i] a_j)`.
-/// Ranks up to 2 use one fused pass of axpys; larger ranks a rank-r GEMM, then the product.
-pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params: &[f32], di: usize, dout: usize) {
-    let (b, a) = spec.parts(params, di, dout);
-    let r = spec.rank;
-    if r > 2 {
-        matmul(wm, dout, MatRef::row_major(b, r, di).t(), MatRef::row_major(a, r, dout), spec.scale, 0.0);
-        wm.par_chunks_mut(dout * 64).zip(wt.par_chunks(dout * 64)).for_each(|(w, w0)| scale_by(w, w0));
-        return;
-    }
-    wm.par_chunks_mut(dout * 16).enumerate().for_each(|(blk, rows)| {
-        for (k, wrow) in rows.chunks_exact_mut(dout).enumerate() {
-            let i = blk * 16 + k;
-            wrow.fill(0.0);
-            for j in 0..r {
-                axpy(wrow, spec.scale * b[j * di + i], &a[j * dout..(j + 1) * dout]);
-            }
-            scale_by(wrow, &wt[i * dout..(i + 1) * dout]);
+/// Rows of the merged weight built per tile: `MERGE_TILE x d_out` floats stay in L2 while the
+/// tile's GEMM consumes them, so W0 is read once and the merged weight never goes to memory.
+const MERGE_TILE: usize = 64;
+
+/// `ys [len, d_out] = xs (W0 o scale b^T a)^T`, building the merged weight tile by tile
+/// (rows `k0..k0+MERGE_TILE` of `[d_in, d_out]`) and accumulating each tile's product.
+#[allow(clippy::too_many_arguments)]
+fn merged_segment(ys: &mut [f32], xs: &[f32], len: usize, wt: &[f32], spec: &SlotSpec, params: &[f32], di: usize, dout: usize) {
+    with_scratch(0, MERGE_TILE.min(di) * dout, |tile| {
+        let mut k0 = 0;
+        while k0 < di {
+            let kt = MERGE_TILE.min(di - k0);
+            let tile = &mut tile[..kt * dout];
+            merged_rows(tile, wt, spec, params, di, dout, k0);
+            let xv = MatRef { data: &xs[k0..], rows: len, cols: kt, rs: di, cs: 1 };
+            matmul(ys, dout, xv, MatRef::row_major(tile, kt, dout), 1.0, if k0 == 0 { 0.0 } else { 1.0 });
+            k0 += kt;
         }
     });
+}
+
+/// Rows `k0..k0 + out.len()/d_out` of the merged weight: row i is `wt[i] o (scale * sum_j b_j[i] a_j)`.
+fn merged_rows(out: &mut [f32], wt: &[f32], spec: &SlotSpec, params: &[f32], di: usize, dout: usize, k0: usize) {
+    let (b, a) = spec.parts(params, di, dout);
+    let build = |(k, wrow): (usize, &mut [f32])| {
+        let i = k0 + k;
+        wrow.fill(0.0);
+        for j in 0..spec.rank {
+            axpy(wrow, spec.scale * b[j * di + i], &a[j * dout..(j + 1) * dout]);
+        }
+        scale_by(wrow, &wt[i * dout..(i + 1) * dout]);
+    };
+    if out.len() * spec.rank < (1 << 16) || super::matmul::n_threads() == 1 {
+        out.chunks_exact_mut(dout).enumerate().for_each(build);
+    } else {
+        out.par_chunks_exact_mut(dout).enumerate().for_each(build);
+    }
+}
+
+/// The whole merged weight `wm [d_in, d_out] = wt o (scale * b^T a)` (backward pass).
+pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params: &[f32], di: usize, dout: usize) {
+    merged_rows(wm, wt, spec, params, di, dout, 0);
 }
 
 /// Step 3: LoRA shrink/expand and IA3 output scaling, segments in parallel when worth it.

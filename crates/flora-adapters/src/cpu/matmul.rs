@@ -39,9 +39,28 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// Number of worker threads kernels may use (rayon's pool, set by RAYON_NUM_THREADS).
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Number of worker threads kernels may use (rayon's pool, set by RAYON_NUM_THREADS), or 1
+/// inside [`serial`].
 pub fn n_threads() -> usize {
-    rayon::current_num_threads().max(1)
+    if SERIAL.with(|s| s.get()) {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
+}
+
+/// Runs `f` with every kernel it calls on this thread single-threaded: for callers that are
+/// already parallel over independent work (segments), where nested threading only adds
+/// dispatch overhead.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let was = SERIAL.with(|s| s.replace(true));
+    let out = f();
+    SERIAL.with(|s| s.set(was));
+    out
 }
 
 fn parallelism(flops: usize) -> Parallelism {
