@@ -4,6 +4,7 @@
 
 use crate::kv_cache::KvCache;
 use crate::layers::Rope;
+use flora_adapters::cpu::vecops::{axpy, dot};
 use rayon::prelude::*;
 
 /// Shapes of one attention layer.
@@ -66,7 +67,7 @@ pub fn ragged_attention(
             let mut max = f32::NEG_INFINITY;
             for (j, s) in scores.iter_mut().enumerate() {
                 let kj = &kc[j * kd + kvh * hd..j * kd + (kvh + 1) * hd];
-                *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                *s = dot(qh, kj) * scale;
                 max = max.max(*s);
             }
             let mut total = 0f32;
@@ -77,10 +78,7 @@ pub fn ragged_attention(
             let oh = &mut o[h * hd..(h + 1) * hd];
             for (j, s) in scores.iter().enumerate() {
                 let w = s / total;
-                let vj = &vc[j * kd + kvh * hd..j * kd + (kvh + 1) * hd];
-                for (ov, vv) in oh.iter_mut().zip(vj) {
-                    *ov += w * vv;
-                }
+                axpy(oh, w, &vc[j * kd + kvh * hd..j * kd + (kvh + 1) * hd]);
             }
         }
     });
