@@ -37,6 +37,9 @@ pub fn resolve_model(explicit: Option<&Path>) -> Result<PathBuf> {
         return Ok(p);
     }
     let path = default_model_path();
+    // One fetch at a time in this process (tests resolve the model from several threads).
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {
         fetch_default_model(&path)?;
     }
