@@ -3,6 +3,7 @@
 //! match token for token. Fixtures: testdata/peft/*/expected.json (scripts/reference/).
 
 use flora_model::adapters::ModelAdapters;
+use flora_model::sampling::argmax;
 use flora_model::{Llama, Logits, SeqStep};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -62,10 +63,6 @@ fn check_fixture(name: &str) {
             next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
         }
     }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
 }
 
 #[test]

@@ -123,13 +123,7 @@ fn string(v: Option<&Value>, key: &'static str) -> Result<Option<String>> {
 
 fn string_array(v: Option<&Value>, key: &'static str) -> Result<Option<Vec<String>>> {
     let Some(v) = v else { return Ok(None) };
-    let Value::Array(items) = v else {
-        return Err(invalid(
-            key,
-            format!("expected an array, found {:?}", v.value_type()),
-        ));
-    };
-    items
+    array(v, key)?
         .iter()
         .map(|item| match item {
             Value::String(s) => Ok(s.clone()),
@@ -157,14 +151,19 @@ fn as_i64(v: &Value) -> Option<i64> {
     })
 }
 
-fn int_array(v: &Value, key: &'static str) -> Result<Vec<i64>> {
-    let Value::Array(items) = v else {
-        return Err(invalid(
+/// The items of an array value; any other value is an error naming `key`.
+fn array<'a>(v: &'a Value, key: &'static str) -> Result<&'a Vec<Value>> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(invalid(
             key,
-            format!("expected an array, found {:?}", v.value_type()),
-        ));
-    };
-    items
+            format!("expected an array, found {:?}", other.value_type()),
+        )),
+    }
+}
+
+fn int_array(v: &Value, key: &'static str) -> Result<Vec<i64>> {
+    array(v, key)?
         .iter()
         .map(|item| as_i64(item).ok_or_else(|| invalid(key, "expected integers")))
         .collect()

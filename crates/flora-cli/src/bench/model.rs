@@ -93,27 +93,25 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             let prompts: Vec<Vec<u32>> = (0..b).map(|i| (0..prompt_len).map(|t| ((i * 7919 + t * 104729) as u32) % vocab).collect()).collect();
             let slot = |i: usize| if adapters.is_empty() { None } else { Some((i % adapters.len()) as u32) };
             let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
+            // One step over all sequences (tokens[i] for sequence i); the greedy next tokens.
+            let mut step_all = |tokens: &[&[u32]]| -> Result<Vec<u32>> {
+                let mut steps: Vec<SeqStep> = caches
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, c)| SeqStep { tokens: tokens[i], cache: c, slot: slot(i), logits: Logits::Last })
+                    .collect();
+                let logits = model.step(&mut steps, packed.as_ref())?;
+                Ok(logits.to_vec2::<f32>()?.iter().map(|r| flora_model::sampling::argmax(r)).collect())
+            };
             // Prefill: every sequence's prompt in one step.
             let t = Instant::now();
-            let mut steps: Vec<SeqStep> = caches
-                .iter_mut()
-                .enumerate()
-                .map(|(i, c)| SeqStep { tokens: &prompts[i], cache: c, slot: slot(i), logits: Logits::Last })
-                .collect();
-            let logits = model.step(&mut steps, packed.as_ref())?;
+            let mut next = step_all(&prompts.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
             let prefill_s = t.elapsed().as_secs_f64();
-            let mut next: Vec<u32> = logits.to_vec2::<f32>()?.iter().map(|r| flora_model::sampling::argmax(r)).collect();
             // Decode: one token per sequence per step.
             let t = Instant::now();
             for _ in 0..decode_steps {
                 let toks: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
-                let mut steps: Vec<SeqStep> = caches
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(i, c)| SeqStep { tokens: &toks[i], cache: c, slot: slot(i), logits: Logits::Last })
-                    .collect();
-                let logits = model.step(&mut steps, packed.as_ref())?;
-                next = logits.to_vec2::<f32>()?.iter().map(|r| flora_model::sampling::argmax(r)).collect();
+                next = step_all(&toks.iter().map(|t| t.as_slice()).collect::<Vec<_>>())?;
             }
             let decode_s = t.elapsed().as_secs_f64();
             rows.push(Measured {

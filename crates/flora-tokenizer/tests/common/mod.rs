@@ -12,8 +12,9 @@ use flora_tokenizer::Tokenizer;
 /// The model file: `$FLORA_MODEL`, else the default model in the cache (`$FLORA_CACHE_DIR`,
 /// default `~/.cache/flora`), fetched there on first use. Panics (fails the test) if neither works.
 pub fn model_path() -> PathBuf {
-    flora_model::default_model::resolve_model(None)
-        .unwrap_or_else(|e| panic!("{e} (scripts/reference/fetch_model.sh fetches the default model)"))
+    flora_model::default_model::resolve_model(None).unwrap_or_else(|e| {
+        panic!("{e} (scripts/reference/fetch_model.sh fetches the default model)")
+    })
 }
 
 /// The SmolLM2 tokenizer, loaded once per test binary.
