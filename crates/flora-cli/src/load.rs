@@ -30,3 +30,9 @@ pub fn tokenizer(model: Option<&Path>) -> Result<Tokenizer> {
 pub fn tracing_free_log(msg: &str) {
     eprintln!("flora: {msg}");
 }
+
+/// Log lines (tracing) to stderr; `RUST_LOG` overrides the default level (info).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

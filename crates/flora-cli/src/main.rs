@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod load;
+mod serve;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Command {
     },
     /// Stream a completion of a prompt (optionally with an adapter) to stdout.
     Generate(generate::GenerateArgs),
+    /// Serve the base model and its adapters over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(tokenize::TokenizeArgs),
 }
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Tokenize(args) => tokenize::run(args),
     }
 }

@@ -4,7 +4,8 @@
 //!   pre-tokenizer named by `tokenizer.ggml.pre` (`smollm`, `gpt2`,
 //!   `llama-bpe`, `default`); special tokens written in text are recognised.
 //!   Produces the same ids as llama.cpp.
-//! * [`StreamDecoder`]: incremental decoding for streamed generation.
+//! * [`StreamDecoder`] / [`Utf8Stream`]: incremental decoding for streamed generation;
+//!   [`StopFilter`]: stop strings over streamed text.
 //! * [`ChatTemplate`]: the model's Jinja chat template (`tokenizer.chat_template`).
 //!
 //! ```no_run
@@ -23,6 +24,7 @@ mod error;
 mod gguf;
 mod metadata;
 mod pretokenizer;
+mod stop;
 mod stream;
 mod tokenizer;
 
@@ -30,5 +32,6 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{Error, Result};
 pub use metadata::{TokenType, TokenizerMetadata};
 pub use pretokenizer::PreTokenizerKind;
-pub use stream::StreamDecoder;
+pub use stop::StopFilter;
+pub use stream::{StreamDecoder, Utf8Stream};
 pub use tokenizer::Tokenizer;

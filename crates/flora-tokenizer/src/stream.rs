@@ -12,24 +12,44 @@ use crate::Tokenizer;
 pub struct StreamDecoder<'a> {
     tokenizer: &'a Tokenizer,
     skip_special: bool,
-    /// Bytes received but not yet released (an incomplete character).
-    pending: Vec<u8>,
+    utf8: Utf8Stream,
 }
 
 impl<'a> StreamDecoder<'a> {
     pub(crate) fn new(tokenizer: &'a Tokenizer, skip_special: bool) -> Self {
-        Self {
-            tokenizer,
-            skip_special,
-            pending: Vec::new(),
-        }
+        Self { tokenizer, skip_special, utf8: Utf8Stream::default() }
     }
 
     /// Adds one token; returns the text that became complete (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
-        let bytes = self.tokenizer.id_bytes(id, self.skip_special)?;
+        Ok(self.utf8.push(self.tokenizer.id_bytes(id, self.skip_special)?))
+    }
+
+    /// Releases whatever is left; an incomplete trailing character becomes U+FFFD.
+    pub fn finish(&mut self) -> String {
+        self.utf8.finish()
+    }
+
+    /// Whether bytes of an incomplete character are being held back.
+    pub fn has_pending(&self) -> bool {
+        self.utf8.has_pending()
+    }
+}
+
+/// The tokenizer-free half of [`StreamDecoder`]: bytes in, complete UTF-8 text out. Owns no
+/// borrow, so long-lived per-request state (a server's sequences) can hold it and feed it
+/// `Tokenizer::id_bytes`.
+#[derive(Debug, Default, Clone)]
+pub struct Utf8Stream {
+    /// Bytes received but not yet released (an incomplete character).
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Adds bytes; returns the text that became complete (possibly empty).
+    pub fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
-        Ok(self.take_complete())
+        self.take_complete()
     }
 
     /// Releases whatever is left; an incomplete trailing character becomes U+FFFD.
