@@ -33,6 +33,11 @@ pub fn tracing_free_log(msg: &str) {
 
 /// Log lines (tracing) to stderr; `RUST_LOG` overrides the default level (info).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    init_logging_at("info");
+}
+
+/// Log lines to stderr at `level` unless `RUST_LOG` says otherwise.
+pub fn init_logging_at(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

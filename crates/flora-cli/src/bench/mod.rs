@@ -3,6 +3,8 @@
 mod chart;
 mod layers;
 mod model;
+mod random_adapter;
+mod serve;
 
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -49,6 +51,10 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         decode_steps: usize,
     },
+    /// The HTTP server under load: base vs LoRA vs fLoRA at each rank (the paper's serving
+    /// analysis), the adapter pool under Zipf traffic over many adapters, or a soak with clients
+    /// that disconnect. Writes CSV, chart and report to --out.
+    Serve(serve::ServeBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -60,6 +66,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
             model::run(model.as_deref(), &out, quick, prompt_len, decode_steps)
         }
+        BenchCommand::Serve(args) => serve::run(args),
     }
 }
 

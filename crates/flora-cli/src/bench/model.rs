@@ -2,11 +2,9 @@
 //! base-only and with distinct adapters per sequence, and peak memory.
 
 use anyhow::Result;
-use flora_adapters::init::{self, WeightRng};
 use flora_adapters::AdapterKind;
 use flora_model::adapters::{Adapter, ModelAdapters};
-use flora_model::{Llama, Logits, Proj, SeqStep};
-use std::collections::BTreeMap;
+use flora_model::{Llama, Logits, SeqStep};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
@@ -32,25 +30,6 @@ struct Measured {
     setting: String,
     prefill_tok_s: f64,
     decode_tok_s: f64,
-}
-
-fn random_adapter(model: &Llama, kind: AdapterKind, rank: usize, seed: u64) -> Result<Adapter> {
-    let cfg = model.config();
-    let mut rng = WeightRng::new(seed);
-    let dev = candle_core::Device::Cpu;
-    let mut weights = BTreeMap::new();
-    for layer in 0..cfg.n_layers {
-        for p in Proj::ALL {
-            let (di, dout) = p.dims(cfg);
-            let w = match kind {
-                AdapterKind::Lora => init::lora_random(rank, di, dout, 1.0, &mut rng, &dev)?,
-                AdapterKind::Flora => init::flora_random(rank, di, dout, &mut rng, &dev)?,
-                AdapterKind::Ia3 => init::ia3_random(dout, false, &mut rng, &dev)?,
-            };
-            weights.insert((layer, p), w);
-        }
-    }
-    Ok(Adapter { name: format!("bench-{kind}-{seed}"), kind, rank, weights })
 }
 
 /// Peak resident memory of this process so far (VmHWM), in MiB.
@@ -87,7 +66,7 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             progress.set_message(format!("batch {b}, {}", s.label()));
             let adapters: Vec<Adapter> = match s.kind {
                 None => vec![],
-                Some(k) => (0..b.min(32)).map(|i| random_adapter(&model, k, s.rank, 100 + i as u64)).collect::<Result<_>>()?,
+                Some(k) => (0..b.min(32)).map(|i| super::random_adapter::random_adapter(model.config(), &flora_model::Proj::ALL, k, s.rank, 100 + i as u64)).collect::<Result<_>>()?,
             };
             let packed = if adapters.is_empty() { None } else { Some(ModelAdapters::pack(model.config(), &adapters.iter().collect::<Vec<_>>())?) };
             let prompts: Vec<Vec<u32>> = (0..b).map(|i| (0..prompt_len).map(|t| ((i * 7919 + t * 104729) as u32) % vocab).collect()).collect();

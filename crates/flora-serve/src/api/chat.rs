@@ -24,7 +24,7 @@ pub async fn handle(State(state): State<AppState>, super::Body(body): super::Bod
     let max_tokens = generate::check_lengths(&state, std::slice::from_ref(&prompt), req.max_completion_tokens.or(c.max_tokens), "max_tokens")?;
     let (model, adapter) = generate::resolve_model(&state, c.model.as_deref()).await?;
     let stop = c.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    let job = Job { model, adapter, prompts: vec![prompt], n, sampling, max_tokens, stop };
+    let job = Job { model, adapter, prompts: vec![prompt], n, sampling, max_tokens, stop, ignore_eos: c.ignore_eos.unwrap_or(false) };
     let id = format!("chatcmpl-{}", super::request_id());
     let created = super::unix_time();
     if c.stream == Some(true) {

@@ -29,7 +29,7 @@ pub async fn handle(State(state): State<AppState>, super::Body(body): super::Bod
     let max_tokens = generate::check_lengths(&state, &prompts, Some(c.max_tokens.unwrap_or(16)), "max_tokens")?;
     let (model, adapter) = generate::resolve_model(&state, c.model.as_deref()).await?;
     let stop = c.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    let job = Job { model, adapter, prompts, n, sampling, max_tokens, stop };
+    let job = Job { model, adapter, prompts, n, sampling, max_tokens, stop, ignore_eos: c.ignore_eos.unwrap_or(false) };
     let id = format!("cmpl-{}", super::request_id());
     let created = super::unix_time();
     if c.stream == Some(true) {

@@ -30,6 +30,7 @@ pub struct Job {
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 /// One finished choice.
@@ -143,6 +144,7 @@ fn submit(state: &AppState, job: &Job) -> Result<Vec<mpsc::UnboundedReceiver<Eve
                 sampling,
                 max_tokens: job.max_tokens,
                 stop: job.stop.clone(),
+                ignore_eos: job.ignore_eos,
                 events: tx,
             };
             state.engine.submit(req).map_err(|e| ApiError::from(e).for_adapter(&job.model))?;

@@ -95,6 +95,9 @@ pub struct Common {
     pub logprobs: Option<serde_json::Value>,
     #[serde(default)]
     pub user: Option<String>,
+    /// vLLM's extension: keep generating past the end-of-sequence token (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -30,6 +30,8 @@ pub struct GenRequest {
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// Generate past the end-of-sequence token (benchmarks: fixed output lengths).
+    pub ignore_eos: bool,
     /// Where text and the end are reported.
     pub events: tmpsc::UnboundedSender<Event>,
 }

@@ -230,7 +230,7 @@ impl Runner {
             a.last_token = Some(now);
             a.tokens.push(next);
             let mut hit_stop_string = false;
-            let finished = if Some(next) == self.tok.eos_id() {
+            let finished = if !a.req.ignore_eos && Some(next) == self.tok.eos_id() {
                 Some(FinishReason::Stop)
             } else {
                 let piece = self.tok.id_bytes(next, true).map(|b| a.utf8.push(b)).unwrap_or_default();
