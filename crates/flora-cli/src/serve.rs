@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Most distinct adapters in one step.
     #[arg(long, default_value_t = 32)]
     pub max_loras: usize,
+    /// Memory for KV caches (suffixes K, M, G): each running sequence reserves room for its
+    /// prompt plus max_tokens; sequences wait when it is taken.
+    #[arg(long, default_value = "4G", value_parser = parse_bytes)]
+    pub max_kv_bytes: usize,
     /// Most queued sequences before requests are refused with 429.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
@@ -70,13 +74,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let path = flora_model::default_model::resolve_model(args.model.as_deref())?;
     let (model, tok) = crate::load::model_and_tokenizer(Some(&path))?;
     let adapters = args.adapters.or_else(|| std::env::var_os("FLORA_ADAPTERS_DIR").map(PathBuf::from)).unwrap_or_else(|| flora_model::default_model::cache_dir().join("adapters"));
+    let c = model.config();
+    let kv_bytes_per_token = c.n_layers * c.kv_dim() * 2 * std::mem::size_of::<f32>();
+    let max_kv_tokens = (args.max_kv_bytes / kv_bytes_per_token).max(1);
     let name = args.served_model_name.unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("base").to_string());
     let opts = ServeOptions {
         model_name: name.clone(),
         adapters_dir: Some(adapters.clone()),
         max_pool_bytes: args.max_pool_bytes,
         engine: EngineConfig {
-            scheduler: SchedulerConfig { max_batch_tokens: args.max_batch_tokens, max_running: args.max_running, max_loras: args.max_loras },
+            scheduler: SchedulerConfig { max_batch_tokens: args.max_batch_tokens, max_running: args.max_running, max_loras: args.max_loras, max_kv_tokens },
             max_waiting: args.max_waiting,
         },
         api_key: args.api_key,

@@ -28,11 +28,15 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Most distinct adapters in one step (slots of the packed adapter table).
     pub max_loras: usize,
+    /// KV-cache tokens the running sequences may reserve together. A sequence reserves its
+    /// prompt plus its `max_tokens` when admitted, so the caches never outgrow this (no
+    /// preemption needed).
+    pub max_kv_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { max_batch_tokens: 512, max_running: 64, max_loras: 32 }
+        Self { max_batch_tokens: 512, max_running: 64, max_loras: 32, max_kv_tokens: 1 << 17 }
     }
 }
 
@@ -76,6 +80,8 @@ struct Seq {
     /// Tokens already in the KV cache.
     cached: usize,
     slot: Option<usize>,
+    /// KV tokens reserved for it (prompt + most new tokens).
+    reserve: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -95,23 +101,28 @@ pub struct Scheduler {
     seqs: HashMap<SeqId, Seq>,
     slots: Vec<Slot>,
     step_no: u64,
+    /// KV tokens reserved by running sequences.
+    reserved: usize,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         assert!(cfg.max_batch_tokens > 0 && cfg.max_running > 0 && cfg.max_loras > 0, "scheduler limits must be positive");
         let slots = vec![Slot::default(); cfg.max_loras];
-        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), seqs: HashMap::new(), slots, step_no: 0 }
+        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), seqs: HashMap::new(), slots, step_no: 0, reserved: 0 }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
 
-    /// Queues a sequence whose `prompt_len` tokens are known. Ids must be unique.
-    pub fn add(&mut self, id: SeqId, prompt_len: usize, adapter: Option<AdapterKey>) {
+    /// Queues a sequence whose `prompt_len` tokens are known and that may generate up to
+    /// `max_new` more. Ids must be unique; `prompt_len + max_new` must fit `max_kv_tokens`.
+    pub fn add(&mut self, id: SeqId, prompt_len: usize, max_new: usize, adapter: Option<AdapterKey>) {
         assert!(prompt_len > 0, "a sequence needs at least one prompt token");
-        let prev = self.seqs.insert(id, Seq { adapter, known: prompt_len, cached: 0, slot: None });
+        let reserve = prompt_len + max_new;
+        assert!(reserve <= self.cfg.max_kv_tokens, "sequence {id} needs {reserve} KV tokens, over the limit");
+        let prev = self.seqs.insert(id, Seq { adapter, known: prompt_len, cached: 0, slot: None, reserve });
         assert!(prev.is_none(), "sequence id {id} added twice");
         self.waiting.push_back(id);
     }
@@ -136,6 +147,9 @@ impl Scheduler {
         let Some(s) = self.seqs.remove(&id) else { return };
         if let Some(slot) = s.slot {
             self.slots[slot].users -= 1;
+        }
+        if self.running.contains(&id) {
+            self.reserved -= s.reserve;
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
@@ -201,6 +215,9 @@ impl Scheduler {
         let mut i = 0;
         while i < self.waiting.len() && budget > 0 && self.running.len() < self.cfg.max_running {
             let id = self.waiting[i];
+            if self.reserved + self.seqs[&id].reserve > self.cfg.max_kv_tokens {
+                break; // first come, first served: wait for caches to free up
+            }
             let adapter = self.seqs[&id].adapter;
             let slot = match adapter {
                 None => None,
@@ -215,6 +232,7 @@ impl Scheduler {
             self.waiting.remove(i);
             self.running.push(id);
             let s = self.seqs.get_mut(&id).expect("waiting sequence is known");
+            self.reserved += s.reserve;
             s.slot = slot;
             if let Some(slot) = slot {
                 self.slots[slot].users += 1;
@@ -251,7 +269,7 @@ mod tests {
     use super::*;
 
     fn cfg(tokens: usize, running: usize, loras: usize) -> SchedulerConfig {
-        SchedulerConfig { max_batch_tokens: tokens, max_running: running, max_loras: loras }
+        SchedulerConfig { max_batch_tokens: tokens, max_running: running, max_loras: loras, max_kv_tokens: 1000 }
     }
 
     /// Runs a plan as the engine would: advance every item, sample where asked.
@@ -267,11 +285,11 @@ mod tests {
     #[test]
     fn prefill_is_chunked_under_the_budget_and_decodes_go_first() {
         let mut s = Scheduler::new(cfg(8, 8, 4));
-        s.add(1, 3, None);
+        s.add(1, 3, 10, None);
         let p = s.schedule();
         assert_eq!(p.items, vec![PlanItem { seq: 1, n_tokens: 3, start: 0, slot: None, sample: true }]);
         run(&mut s, &p);
-        s.add(2, 20, None); // a long prompt arrives while 1 decodes
+        s.add(2, 20, 10, None); // a long prompt arrives while 1 decodes
         let p = s.schedule();
         assert_eq!(p.items[0], PlanItem { seq: 1, n_tokens: 1, start: 3, slot: None, sample: true });
         assert_eq!(p.items[1], PlanItem { seq: 2, n_tokens: 7, start: 0, slot: None, sample: false });
@@ -288,10 +306,10 @@ mod tests {
     #[test]
     fn distinct_adapters_get_distinct_slots_and_a_shared_adapter_shares_one() {
         let mut s = Scheduler::new(cfg(64, 8, 4));
-        s.add(1, 2, Some(10));
-        s.add(2, 2, Some(11));
-        s.add(3, 2, Some(10));
-        s.add(4, 2, None);
+        s.add(1, 2, 10, Some(10));
+        s.add(2, 2, 10, Some(11));
+        s.add(3, 2, 10, Some(10));
+        s.add(4, 2, 10, None);
         let p = s.schedule();
         let slot = |id| p.items.iter().find(|i| i.seq == id).unwrap().slot;
         assert_eq!(slot(1), slot(3));
@@ -303,11 +321,11 @@ mod tests {
     #[test]
     fn adapters_beyond_the_slots_wait_and_others_pass() {
         let mut s = Scheduler::new(cfg(64, 8, 2));
-        s.add(1, 2, Some(1));
-        s.add(2, 2, Some(2));
-        s.add(3, 2, Some(3)); // no slot left
-        s.add(4, 2, Some(1)); // shares slot of 1
-        s.add(5, 2, None);
+        s.add(1, 2, 10, Some(1));
+        s.add(2, 2, 10, Some(2));
+        s.add(3, 2, 10, Some(3)); // no slot left
+        s.add(4, 2, 10, Some(1)); // shares slot of 1
+        s.add(5, 2, 10, None);
         let p = s.schedule();
         let ids: Vec<_> = p.items.iter().map(|i| i.seq).collect();
         assert_eq!(ids, vec![1, 2, 4, 5]);
@@ -322,22 +340,22 @@ mod tests {
     #[test]
     fn a_finished_adapter_keeps_its_slot_until_needed_and_lru_goes_first() {
         let mut s = Scheduler::new(cfg(64, 8, 2));
-        s.add(1, 1, Some(1));
+        s.add(1, 1, 10, Some(1));
         let p = s.schedule();
         run(&mut s, &p);
-        s.add(2, 1, Some(2));
+        s.add(2, 1, 10, Some(2));
         let p = s.schedule();
         run(&mut s, &p);
         s.remove(1);
         s.remove(2);
         // Adapter 1 comes back: no repack.
-        s.add(3, 1, Some(1));
+        s.add(3, 1, 10, Some(1));
         let p = s.schedule();
         assert!(p.slot_changes.is_empty());
         run(&mut s, &p);
         s.remove(3);
         // A new adapter replaces the least recently used one (2).
-        s.add(4, 1, Some(9));
+        s.add(4, 1, 10, Some(9));
         let p = s.schedule();
         assert_eq!(s.slot_adapters().iter().filter(|a| **a == Some(1)).count(), 1);
         assert_eq!(p.slot_changes.len(), 1);
@@ -348,7 +366,7 @@ mod tests {
     fn running_limit_and_removal_of_waiting_and_running() {
         let mut s = Scheduler::new(cfg(64, 2, 2));
         for id in 0..4 {
-            s.add(id, 3, None);
+            s.add(id, 3, 10, None);
         }
         let p = s.schedule();
         assert_eq!(p.items.len(), 2);
@@ -366,13 +384,26 @@ mod tests {
         assert!(s.schedule().is_empty());
     }
 
+    #[test]
+    fn admission_stops_at_the_kv_reservation_limit() {
+        let mut s = Scheduler::new(SchedulerConfig { max_kv_tokens: 100, ..cfg(64, 8, 2) });
+        s.add(1, 30, 30, None); // reserves 60
+        s.add(2, 20, 30, None); // 50 more would be 110 > 100: waits
+        s.add(3, 5, 5, None); // fits, but first come first served: waits behind 2
+        let p = s.schedule();
+        assert_eq!(p.items.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![1]);
+        s.remove(1);
+        let p = s.schedule();
+        assert_eq!(p.items.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
     /// Random traffic: every sequence finishes, budgets and slot limits always hold, and every
     /// item continues exactly where the cache ends.
     #[test]
     fn random_traffic_respects_every_limit_and_finishes_everything() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let c = cfg(16, 5, 3);
+        let c = SchedulerConfig { max_kv_tokens: 100, ..cfg(16, 5, 3) };
         let mut s = Scheduler::new(c.clone());
         let mut remaining: HashMap<SeqId, usize> = HashMap::new(); // tokens still to generate
         let mut cached: HashMap<SeqId, usize> = HashMap::new();
@@ -380,7 +411,7 @@ mod tests {
         for step in 0..2000 {
             if step < 1500 && rng.random_bool(0.3) {
                 let adapter = if rng.random_bool(0.2) { None } else { Some(rng.random_range(0..6)) };
-                s.add(next_id, rng.random_range(1..40), adapter);
+                s.add(next_id, rng.random_range(1..40), 10, adapter);
                 remaining.insert(next_id, rng.random_range(1..10));
                 cached.insert(next_id, 0);
                 next_id += 1;
@@ -388,6 +419,7 @@ mod tests {
             let p = s.schedule();
             assert!(p.n_tokens() <= c.max_batch_tokens);
             assert!(s.n_running() <= c.max_running);
+            assert!(s.reserved <= c.max_kv_tokens);
             for item in &p.items {
                 assert_eq!(item.start, cached[&item.seq]);
                 assert!(item.n_tokens > 0);

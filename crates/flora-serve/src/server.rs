@@ -72,6 +72,7 @@ impl RunningServer {
             model_name: opts.model_name.clone(),
             context: cfg.context,
             vocab: cfg.vocab,
+            max_kv_tokens: opts.engine.scheduler.max_kv_tokens,
             api_key: opts.api_key.clone(),
             admin_key: opts.admin_key.clone(),
             prometheus: crate::metrics::install(),

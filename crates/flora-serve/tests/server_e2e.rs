@@ -388,14 +388,19 @@ async fn api_keys_protect_the_api_and_the_admin_routes() {
     server.join();
 }
 
-/// A full queue answers 429 with Retry-After; everything admitted still completes.
+/// A full queue answers 429 with Retry-After; everything admitted still completes. A request over
+/// the KV-cache budget is a 400.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_429_with_retry_after() {
     let server = TestServer::start(ServeOptions {
         model_name: BASE.into(),
-        engine: EngineConfig { scheduler: SchedulerConfig { max_running: 1, ..SchedulerConfig::default() }, max_waiting: 2 },
+        engine: EngineConfig { scheduler: SchedulerConfig { max_running: 1, max_kv_tokens: 256, ..SchedulerConfig::default() }, max_waiting: 2 },
         ..ServeOptions::default()
     });
+    // A request that could never fit the KV budget is refused up front.
+    let r = reqwest::Client::new().post(server.url("/v1/completions")).json(&json!({ "prompt": "Hi", "max_tokens": 300 })).send().await.unwrap();
+    let s = r.status();
+    assert_error(s, &r.json().await.unwrap(), StatusCode::BAD_REQUEST, Some("max_tokens"));
     let body = json!({ "prompt": "Count to ten:", "max_tokens": 24 });
     let mut tasks = Vec::new();
     for _ in 0..8 {

@@ -120,6 +120,12 @@ pub fn check_lengths(state: &AppState, prompts: &[Vec<u32>], max_tokens: Option<
             format!("the prompt ({longest} tokens) + {field} ({max_tokens}) exceeds the model's context of {context} tokens"),
         ));
     }
+    if longest + max_tokens > state.max_kv_tokens {
+        return Err(ApiError::bad_field(
+            field,
+            format!("the prompt ({longest} tokens) + {field} ({max_tokens}) exceeds the server's KV-cache budget of {} tokens", state.max_kv_tokens),
+        ));
+    }
     Ok(max_tokens)
 }
 

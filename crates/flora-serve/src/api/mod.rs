@@ -33,6 +33,9 @@ pub struct Shared {
     pub model_name: String,
     pub context: usize,
     pub vocab: usize,
+    /// KV tokens all running sequences may reserve together (one request's prompt + max_tokens
+    /// must fit it).
+    pub max_kv_tokens: usize,
     /// Protects every `/v1` route when set.
     pub api_key: Option<String>,
     /// Protects the adapter admin routes when set (else they take `api_key`).

@@ -130,7 +130,7 @@ impl Runner {
             last_token: None,
             req,
         };
-        self.sched.add(id, a.prompt_len, a.req.adapter.as_ref().map(|x| x.key));
+        self.sched.add(id, a.prompt_len, a.req.max_tokens, a.req.adapter.as_ref().map(|x| x.key));
         self.active.insert(id, a);
     }
 
