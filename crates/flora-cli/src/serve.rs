@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// Key for the adapter load/unload routes (default: --api-key).
     #[arg(long, env = "FLORA_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
+    /// Largest request body accepted (suffixes K, M, G); larger ones get 413.
+    #[arg(long, default_value = "4M", value_parser = parse_bytes)]
+    pub max_body_bytes: usize,
     /// The base model's name in requests (default: the model file's name without extension).
     #[arg(long)]
     pub served_model_name: Option<String>,
@@ -89,7 +92,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key,
         admin_key: args.admin_api_key,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
-        ..ServeOptions::default()
+        max_body_bytes: args.max_body_bytes,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
