@@ -122,7 +122,7 @@ impl Registry {
         validate_name(name)?;
         let mut info = read_info(name, path)?;
         let mut inner = self.inner.write().expect("registry lock");
-        info.version = inner.next_version << 32 ^ info.version;
+        info.version ^= inner.next_version << 32;
         inner.next_version += 1;
         inner.hidden.remove(name);
         inner.runtime.insert(name.to_string(), info.clone());

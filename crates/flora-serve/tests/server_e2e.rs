@@ -359,7 +359,7 @@ async fn health_and_metrics() {
 }
 
 /// A server with keys: /v1 routes need the API key, admin routes the admin key; health and
-/// metrics stay open.
+/// metrics stay open. Then, shutting down: 503.
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_protect_the_api_and_the_admin_routes() {
     let server = TestServer::start(ServeOptions {
@@ -385,6 +385,12 @@ async fn api_keys_protect_the_api_and_the_admin_routes() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(c.get(server.url("/health")).send().await.unwrap().status(), StatusCode::OK);
     assert_eq!(c.get(server.url("/metrics")).send().await.unwrap().status(), StatusCode::OK);
+    // While shutting down (flag set, listener still open): 503 with Retry-After, health too.
+    server.state.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = c.post(server.url("/v1/completions")).bearer_auth("user-key").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(c.get(server.url("/health")).send().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
     server.join();
 }
 
