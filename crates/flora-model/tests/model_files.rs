@@ -102,3 +102,28 @@ fn non_llama_gguf_is_refused() {
     assert!(err.contains("gpt2") && err.contains("Llama-family"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tensor in a quantization candle cannot read (IQ4_NL, type 20): a clear error, no panic.
+#[test]
+fn unsupported_quantization_is_refused() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let dir = tmp("quant");
+    let path = dir.join("iq4.gguf");
+    let t = QTensor::quantize(&candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let arch = gguf_file::Value::String("llama".into());
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &t)]).unwrap();
+    drop(f);
+    // Tensor info: name, n_dims (u32), dims (u64 each), ggml type (u32), offset (u64).
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let ty = at + 4 + 8 * n_dims;
+    assert_eq!(u32::from_le_bytes(bytes[ty..ty + 4].try_into().unwrap()), 0, "F32 is type 0");
+    bytes[ty..ty + 4].copy_from_slice(&20u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = flora_model::weights::load(&path).err().expect("must fail").to_string();
+    assert!(err.contains("iq4.gguf") && (err.contains("20") || err.to_lowercase().contains("type")), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
