@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod load;
 mod tokenize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(tokenize::TokenizeArgs),
+    /// Train many fLoRA / LoRA / IA3 adapters at once, one per adapter name in the data.
+    Train(train::TrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { what } => bench::run(what),
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

@@ -3,6 +3,7 @@
 mod chart;
 mod layers;
 mod model;
+mod train;
 
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -49,6 +50,26 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         decode_steps: usize,
     },
+    /// Training tokens/s on the real model (forward + backward + AdamW) for LoRA and fLoRA at
+    /// ranks 1, 4, 8 and IA3; a minibatch mixing 8 adapters vs one adapter; peak memory.
+    /// Writes DIR/train.csv and DIR/train.md.
+    Train {
+        /// Model file; default: $FLORA_MODEL, else the default model (fetched into the cache).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Ranks 1 and 8 only.
+        #[arg(long)]
+        quick: bool,
+        /// Tokens per sequence (batch 8).
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Timed steps per setting (after one warm-up step).
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -59,6 +80,12 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 anyhow::bail!("--prompt-len and --decode-steps must be positive");
             }
             model::run(model.as_deref(), &out, quick, prompt_len, decode_steps)
+        }
+        BenchCommand::Train { model, out, quick, seq_len, steps } => {
+            if seq_len < 2 || steps == 0 {
+                anyhow::bail!("--seq-len must be at least 2 and --steps positive");
+            }
+            train::run(model.as_deref(), &out, quick, seq_len, steps)
         }
     }
 }
