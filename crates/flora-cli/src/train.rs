@@ -101,9 +101,20 @@ pub struct TrainArgs {
     pub model: Option<PathBuf>,
 }
 
-/// Progress bar: step, loss, tokens/s, ETA; eval results and warnings above it.
+/// Progress bar: step, loss, tokens/s, ETA; eval results and warnings above it. When stderr is
+/// not a terminal (the bar is hidden), lines go to stderr directly, and a line per step too.
 struct Bar {
     bar: ProgressBar,
+}
+
+impl Bar {
+    fn line(&self, msg: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.bar.println(msg);
+        }
+    }
 }
 
 impl Progress for Bar {
@@ -114,14 +125,18 @@ impl Progress for Bar {
     }
     fn step(&mut self, s: &StepStats, tok_s: f64) {
         self.bar.set_position(s.step as u64);
-        self.bar.set_message(format!("loss {:.4}  {:.0} tok/s  lr x{:.2}", s.loss, tok_s, s.lr_scale));
+        let msg = format!("loss {:.4}  {:.0} tok/s  lr x{:.2}", s.loss, tok_s, s.lr_scale);
+        if self.bar.is_hidden() {
+            eprintln!("flora: step {}/{}: {msg}", s.step, self.bar.length().unwrap_or(0));
+        }
+        self.bar.set_message(msg);
     }
     fn eval(&mut self, step: usize, stats: &[EvalStats]) {
         let parts: Vec<String> = stats.iter().map(|e| format!("{} {:.4} (ppl {:.2})", e.adapter, e.loss, e.ppl)).collect();
-        self.bar.println(format!("step {step} held-out: {}", parts.join(", ")));
+        self.line(format!("flora: step {step} held-out: {}", parts.join(", ")));
     }
     fn message(&mut self, msg: &str) {
-        self.bar.println(format!("flora: {msg}"));
+        self.line(format!("flora: {msg}"));
     }
     fn finish(&mut self) {
         self.bar.finish();
