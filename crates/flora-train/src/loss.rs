@@ -41,9 +41,9 @@ impl Minibatch {
             let mut tok = e.tokens.clone();
             tok.resize(t, pad_id);
             let mut w = vec![0f32; t];
-            for p in 0..e.tokens.len().saturating_sub(1) {
-                if e.targets[p + 1] {
-                    w[p] = scale[e.adapter];
+            for (wp, &target) in w.iter_mut().zip(e.targets.get(1..).unwrap_or(&[])) {
+                if target {
+                    *wp = scale[e.adapter];
                 }
             }
             mb.n_tokens += e.tokens.len();

@@ -76,10 +76,13 @@ pub struct EvalStats {
     pub n_targets: usize,
 }
 
+/// A micro-batch, each target's `(row, nll)`, and the gradients of its loss.
+pub type MicroOut = (Minibatch, Vec<(usize, f32)>, GradStore);
+
 /// The loss and gradients of one micro-batch: forward, masked cross-entropy, backward.
 /// `scale[a]` weighs each target of adapter `a`; only the adapters present are packed, so
 /// absent adapters get no gradient at all.
-pub fn microbatch_grads(model: &Llama, adapters: &[TrainAdapter], examples: &[&Example], scale: &[f32], pad_id: u32) -> Result<(Minibatch, Vec<(usize, f32)>, GradStore)> {
+pub fn microbatch_grads(model: &Llama, adapters: &[TrainAdapter], examples: &[&Example], scale: &[f32], pad_id: u32) -> Result<MicroOut> {
     let mb = Minibatch::new(examples, scale, pad_id);
     let packed = ModelAdapters::pack(model.config(), &mb.present.iter().map(|&a| &adapters[a].adapter).collect::<Vec<_>>())?;
     let logits = model.forward_train(&mb.tokens, &mb.slots, Some(&packed))?;
@@ -171,9 +174,9 @@ impl<'m> Trainer<'m> {
             for (row, v) in nll {
                 nll_sum[mb.adapters[row]] += v as f64;
             }
-            for a in 0..n_ad {
+            for (a, slot) in acc.iter_mut().enumerate() {
                 if let Some(g) = adapter_grads(&self.adapters[a], &grads)? {
-                    match &mut acc[a] {
+                    match slot {
                         Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, x)| s.iter_mut().zip(x).for_each(|(s, x)| *s += x)),
                         slot => *slot = Some(g),
                     }

@@ -2,6 +2,8 @@
 //! masked cross-entropy) against central finite differences, for each adapter kind; and a
 //! heterogeneous minibatch against separate minibatches of each adapter's examples.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use candle_core::Tensor;

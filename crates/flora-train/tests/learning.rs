@@ -6,6 +6,8 @@
 //! near 1.5 is about the floor), so the bars are: held-out loss well under ln 16 = 2.77 (the best
 //! a model can do knowing only the 16-token set, not the mapping) and argmax accuracy.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use common::*;
