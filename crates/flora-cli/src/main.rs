@@ -5,6 +5,7 @@ mod generate;
 mod load;
 mod serve;
 mod tokenize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Print the token ids of a text as a JSON array.
     Tokenize(tokenize::TokenizeArgs),
+    /// Train many fLoRA / LoRA / IA3 adapters at once, one per adapter name in the data.
+    Train(train::TrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

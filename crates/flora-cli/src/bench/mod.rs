@@ -5,6 +5,7 @@ mod layers;
 mod model;
 mod random_adapter;
 mod serve;
+mod train;
 
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -55,6 +56,26 @@ pub enum BenchCommand {
     /// analysis), the adapter pool under Zipf traffic over many adapters, or a soak with clients
     /// that disconnect. Writes CSV, chart and report to --out.
     Serve(serve::ServeBenchArgs),
+    /// Training tokens/s on the real model (forward + backward + AdamW) for LoRA and fLoRA at
+    /// ranks 1, 4, 8 and IA3; a minibatch mixing 8 adapters vs one adapter; peak memory.
+    /// Writes DIR/train.csv and DIR/train.md.
+    Train {
+        /// Model file; default: $FLORA_MODEL, else the default model (fetched into the cache).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Ranks 1 and 8 only.
+        #[arg(long)]
+        quick: bool,
+        /// Tokens per sequence (batch 8).
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Timed steps per setting (after one warm-up step).
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -67,6 +88,12 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             model::run(model.as_deref(), &out, quick, prompt_len, decode_steps)
         }
         BenchCommand::Serve(args) => serve::run(args),
+        BenchCommand::Train { model, out, quick, seq_len, steps } => {
+            if seq_len < 2 || steps == 0 {
+                anyhow::bail!("--seq-len must be at least 2 and --steps positive");
+            }
+            train::run(model.as_deref(), &out, quick, seq_len, steps)
+        }
     }
 }
 
