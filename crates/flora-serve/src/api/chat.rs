@@ -1,7 +1,7 @@
 //! `POST /v1/chat/completions`: messages rendered with the model's chat template.
 
 use super::error::ApiError;
-use super::generate::{self, ChunkFormat, Job};
+use super::generate::{self, ChunkFormat, ChunkHeader, Job};
 use super::openai::{parse_body, Common, ChatRequest, Content};
 use super::AppState;
 use axum::extract::State;
@@ -29,7 +29,7 @@ pub async fn handle(State(state): State<AppState>, super::Body(body): super::Bod
     let created = super::unix_time();
     if c.stream == Some(true) {
         let include_usage = c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-        return generate::stream(&state, &job, Chunks { id, created, model: job.model.clone() }, include_usage);
+        return generate::stream(&state, &job, Chunks(ChunkHeader { id, object: "chat.completion.chunk", created, model: job.model.clone() }), include_usage);
     }
     let choices = generate::collect(&state, &job).await?;
     let usage = generate::usage(&choices, n);
@@ -83,34 +83,22 @@ fn to_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
         .collect()
 }
 
-struct Chunks {
-    id: String,
-    created: u64,
-    model: String,
-}
-
-impl Chunks {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({ "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": choices })
-    }
-}
+struct Chunks(ChunkHeader);
 
 impl ChunkFormat for Chunks {
+    fn header(&self) -> &ChunkHeader {
+        &self.0
+    }
+
     fn opening(&self, index: usize) -> Option<Value> {
-        Some(self.chunk(json!([{ "index": index, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }])))
+        Some(self.0.chunk(json!([{ "index": index, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }])))
     }
 
     fn text(&self, index: usize, text: &str) -> Value {
-        self.chunk(json!([{ "index": index, "delta": { "content": text }, "logprobs": null, "finish_reason": null }]))
+        self.0.chunk(json!([{ "index": index, "delta": { "content": text }, "logprobs": null, "finish_reason": null }]))
     }
 
     fn finish(&self, index: usize, reason: &str) -> Value {
-        self.chunk(json!([{ "index": index, "delta": {}, "logprobs": null, "finish_reason": reason }]))
-    }
-
-    fn usage(&self, usage: Value) -> Value {
-        let mut c = self.chunk(json!([]));
-        c["usage"] = usage;
-        c
+        self.0.chunk(json!([{ "index": index, "delta": {}, "logprobs": null, "finish_reason": reason }]))
     }
 }

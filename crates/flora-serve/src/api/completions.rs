@@ -1,7 +1,7 @@
 //! `POST /v1/completions`.
 
 use super::error::ApiError;
-use super::generate::{self, ChunkFormat, Job};
+use super::generate::{self, ChunkFormat, ChunkHeader, Job};
 use super::openai::{parse_body, Common, CompletionRequest, Prompt};
 use super::AppState;
 use axum::extract::State;
@@ -34,7 +34,7 @@ pub async fn handle(State(state): State<AppState>, super::Body(body): super::Bod
     let created = super::unix_time();
     if c.stream == Some(true) {
         let include_usage = c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-        let format = Chunks { id, created, model: job.model.clone() };
+        let format = Chunks(ChunkHeader { id, object: "text_completion", created, model: job.model.clone() });
         return generate::stream(&state, &job, format, include_usage);
     }
     let choices = generate::collect(&state, &job).await?;
@@ -63,34 +63,18 @@ fn encode_prompts(state: &AppState, prompt: Prompt) -> Result<Vec<Vec<u32>>, Api
     texts.iter().map(|t| state.encode(t)).collect()
 }
 
-struct Chunks {
-    id: String,
-    created: u64,
-    model: String,
-}
-
-impl Chunks {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({ "id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": choices })
-    }
-}
+struct Chunks(ChunkHeader);
 
 impl ChunkFormat for Chunks {
-    fn opening(&self, _index: usize) -> Option<Value> {
-        None
+    fn header(&self) -> &ChunkHeader {
+        &self.0
     }
 
     fn text(&self, index: usize, text: &str) -> Value {
-        self.chunk(json!([{ "index": index, "text": text, "logprobs": null, "finish_reason": null }]))
+        self.0.chunk(json!([{ "index": index, "text": text, "logprobs": null, "finish_reason": null }]))
     }
 
     fn finish(&self, index: usize, reason: &str) -> Value {
-        self.chunk(json!([{ "index": index, "text": "", "logprobs": null, "finish_reason": reason }]))
-    }
-
-    fn usage(&self, usage: Value) -> Value {
-        let mut c = self.chunk(json!([]));
-        c["usage"] = usage;
-        c
+        self.0.chunk(json!([{ "index": index, "text": "", "logprobs": null, "finish_reason": reason }]))
     }
 }

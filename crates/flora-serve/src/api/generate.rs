@@ -189,14 +189,36 @@ pub fn usage(choices: &[Choice], n: usize) -> Value {
     json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
 }
 
+/// The fields every stream chunk of one response repeats.
+pub struct ChunkHeader {
+    pub id: String,
+    /// `text_completion` or `chat.completion.chunk`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+}
+
+impl ChunkHeader {
+    pub fn chunk(&self, choices: Value) -> Value {
+        json!({ "id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices })
+    }
+}
+
 /// How a route turns stream events into chunks.
 pub trait ChunkFormat: Send + 'static {
-    /// Chunks to send before any text of choice `index` (chat: the assistant role).
-    fn opening(&self, index: usize) -> Option<Value>;
+    fn header(&self) -> &ChunkHeader;
+    /// A chunk to send before any text of choice `index` (chat: the assistant role).
+    fn opening(&self, _index: usize) -> Option<Value> {
+        None
+    }
     fn text(&self, index: usize, text: &str) -> Value;
     fn finish(&self, index: usize, reason: &str) -> Value;
-    /// The usage chunk (`stream_options.include_usage`).
-    fn usage(&self, usage: Value) -> Value;
+    /// The usage chunk (`stream_options.include_usage`): no choices, the counts.
+    fn usage(&self, usage: Value) -> Value {
+        let mut c = self.header().chunk(json!([]));
+        c["usage"] = usage;
+        c
+    }
 }
 
 /// Streams a job as server-sent events: chunks per choice as text arrives, `[DONE]` at the end.
