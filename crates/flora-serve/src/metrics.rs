@@ -9,6 +9,7 @@ use crate::pool::PoolStats;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,15 +75,30 @@ pub fn step_done(sequences: usize, tokens: usize) {
     histogram!("flora_step_sequences").record(sequences as f64);
 }
 
-pub fn engine_gauges(running: usize, waiting: usize, running_adapters: &[String], waiting_adapters: &[String], max_loras: usize, repacks: u64) {
+/// Engine gauges: totals, per-adapter `[running, waiting]` sequences (`gone`: adapters whose
+/// series drop to zero), and vLLM's adapter-info gauge.
+pub fn engine_gauges(running: usize, waiting: usize, per_adapter: &BTreeMap<String, [usize; 2]>, gone: &[String], max_loras: usize, repacks: u64) {
     gauge!("flora_running_sequences").set(running as f64);
     gauge!("flora_queue_depth").set(waiting as f64);
     counter!("flora_adapter_repacks_total").absolute(repacks);
+    for (adapter, [r, w]) in per_adapter {
+        gauge!("flora_adapter_sequences", "adapter" => adapter.clone(), "state" => "running").set(*r as f64);
+        gauge!("flora_adapter_sequences", "adapter" => adapter.clone(), "state" => "waiting").set(*w as f64);
+    }
+    for adapter in gone {
+        for state in ["running", "waiting"] {
+            gauge!("flora_adapter_sequences", "adapter" => adapter.clone(), "state" => state).set(0.0);
+        }
+    }
+    let names = |i: usize| -> String {
+        let v: Vec<&str> = per_adapter.iter().filter(|(a, c)| c[i] > 0 && a.as_str() != "base").map(|(a, _)| a.as_str()).collect();
+        v.join(",")
+    };
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     gauge!(
         "vllm:lora_requests_info",
-        "running_lora_adapters" => running_adapters.join(","),
-        "waiting_lora_adapters" => waiting_adapters.join(","),
+        "running_lora_adapters" => names(0),
+        "waiting_lora_adapters" => names(1),
         "max_lora" => max_loras.to_string()
     )
     .set(now);

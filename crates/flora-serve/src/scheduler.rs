@@ -167,17 +167,6 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
-    /// Adapters of the running and of the waiting sequences (for the adapter-info gauge).
-    pub fn adapters(&self) -> (Vec<AdapterKey>, Vec<AdapterKey>) {
-        let collect = |ids: &mut dyn Iterator<Item = &SeqId>| {
-            let mut v: Vec<AdapterKey> = ids.filter_map(|id| self.seqs.get(id).and_then(|s| s.adapter)).collect();
-            v.sort_unstable();
-            v.dedup();
-            v
-        };
-        (collect(&mut self.running.iter()), collect(&mut self.waiting.iter()))
-    }
-
     /// The adapter in each slot (None: empty).
     pub fn slot_adapters(&self) -> Vec<Option<AdapterKey>> {
         self.slots.iter().map(|s| s.adapter).collect()

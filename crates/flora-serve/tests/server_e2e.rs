@@ -349,6 +349,7 @@ async fn health_and_metrics() {
         "flora_errors_total{adapter=\"missing-one\",kind=\"not_found\"}",
         "flora_queue_depth",
         "flora_running_sequences",
+        "flora_adapter_sequences{adapter=\"ia3_kv_down\",state=\"running\"}",
         "flora_adapter_pool_hits_total",
         "flora_adapter_pool_bytes",
         "vllm:lora_requests_info{",

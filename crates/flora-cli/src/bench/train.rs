@@ -33,8 +33,8 @@ fn spec(name: String, kind: AdapterKind, rank: usize) -> AdapterSpec {
     }
 }
 
-/// Seconds per optimizer step (median of `steps` after one untimed warm-up step).
-fn time_steps(model: &Llama, kind: AdapterKind, rank: usize, n_adapters: usize, batch: usize, seq_len: usize, steps: usize) -> Result<f64> {
+/// A trainer over `batch` synthetic examples spread over `n_adapters` adapters.
+fn trainer<'m>(model: &'m Llama, kind: AdapterKind, rank: usize, n_adapters: usize, batch: usize, seq_len: usize, steps: usize) -> Result<Trainer<'m>> {
     let adapters = (0..n_adapters).map(|i| TrainAdapter::init(&spec(format!("a{i}"), kind, rank), model.config(), 1)).collect::<flora_train::Result<Vec<_>>>()?;
     let vocab = model.config().vocab as u64;
     let examples: Vec<Example> = (0..batch)
@@ -46,16 +46,30 @@ fn time_steps(model: &Llama, kind: AdapterKind, rank: usize, n_adapters: usize, 
         })
         .collect();
     let opts = TrainOptions { steps: steps + 1, batch_size: batch, grad_accum: 1, warmup: 0, min_lr_ratio: 1.0, seed: 0, adamw: AdamWConfig::default(), pad_id: 0 };
-    let mut tr = Trainer::new(model, adapters, examples, opts)?;
-    tr.train_step()?;
-    let mut times = Vec::with_capacity(steps);
+    Ok(Trainer::new(model, adapters, examples, opts)?)
+}
+
+/// Seconds per optimizer step for a minibatch mixing 8 adapters and for one adapter: one
+/// untimed warm-up step each, then `steps` steps of each, alternating (so drift on a shared
+/// machine hits both alike); medians.
+fn time_pair(model: &Llama, kind: AdapterKind, rank: usize, batch: usize, seq_len: usize, steps: usize) -> Result<(f64, f64)> {
+    let mut mixed = trainer(model, kind, rank, 8, batch, seq_len, steps)?;
+    let mut single = trainer(model, kind, rank, 1, batch, seq_len, steps)?;
+    mixed.train_step()?;
+    single.train_step()?;
+    let (mut tm, mut ts) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
     for _ in 0..steps {
-        let t = Instant::now();
-        tr.train_step()?;
-        times.push(t.elapsed().as_secs_f64());
+        for (tr, times) in [(&mut mixed, &mut tm), (&mut single, &mut ts)] {
+            let t = Instant::now();
+            tr.train_step()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Ok(times[times.len() / 2])
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok((median(tm), median(ts)))
 }
 
 pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, seq_len: usize, steps: usize) -> Result<()> {
@@ -79,10 +93,9 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, seq_len: usize, s
         .with_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}").expect("template"));
     let mut rows = Vec::new();
     for &(kind, rank) in &settings {
-        // Mixed and single back to back, so drift on a shared machine hits both alike.
-        for n_adapters in [8, 1] {
-            progress.set_message(format!("{kind} r{rank}, {n_adapters} adapter(s)"));
-            let step_s = time_steps(&model, kind, rank, n_adapters, batch, seq_len, steps)?;
+        progress.set_message(format!("{kind} r{rank}: 8 adapters mixed vs 1, interleaved"));
+        let (mixed_s, single_s) = time_pair(&model, kind, rank, batch, seq_len, steps)?;
+        for (n_adapters, step_s) in [(8, mixed_s), (1, single_s)] {
             rows.push(Row { kind: kind.to_string(), rank, n_adapters, tok_s: (batch * seq_len) as f64 / step_s, step_s });
             progress.inc(1);
         }
@@ -96,7 +109,7 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, seq_len: usize, s
     let _ = writeln!(
         md,
         "f32, batch {batch} x seq-len {seq_len} = {} tokens per step; adapters on q_proj and k_proj of every layer (the paper's targets); \
-         a step = forward + masked cross-entropy + backward + AdamW; median of {steps} step(s) after one warm-up step.\n",
+         a step = forward + masked cross-entropy + backward + AdamW; median of {steps} step(s) of each, mixed and single alternating, after one warm-up step each.\n",
         batch * seq_len
     );
     let _ = writeln!(md, "Base model forward only (no adapters, no backward): {:.0} tok/s.\n", (batch * seq_len) as f64 / base_fwd_s);

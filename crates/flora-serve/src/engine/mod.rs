@@ -127,7 +127,12 @@ impl EngineHandle {
         let thread = std::thread::Builder::new()
             .name("flora-engine".into())
             .spawn(move || {
-                runner::Runner::new(model, tokenizer, cfg.scheduler, st.clone()).run(rx);
+                // A panic would be a bug; still, it must not leave requests hanging or /health
+                // green: the receivers see their senders dropped, and `stopped` is set.
+                let run = std::panic::AssertUnwindSafe(|| runner::Runner::new(model, tokenizer, cfg.scheduler, st.clone()).run(rx));
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!("the engine thread panicked; the server can no longer generate");
+                }
                 st.stopped.store(true, Ordering::SeqCst);
             })
             .expect("spawn engine thread");

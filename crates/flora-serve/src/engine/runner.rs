@@ -8,7 +8,7 @@ use crate::scheduler::{PlanItem, Scheduler, SchedulerConfig, SeqId};
 use flora_model::sampling::Sampler;
 use flora_model::{KvCache, Llama, Logits, SeqStep};
 use flora_tokenizer::{StopFilter, Tokenizer, Utf8Stream};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -47,12 +47,14 @@ pub struct Runner {
     stats: Arc<EngineStats>,
     /// Set by a shutdown message: the time after which remaining sequences are dropped.
     drain_deadline: Option<Instant>,
+    /// Adapters with a per-adapter gauge series last time (to zero them when they empty).
+    gauge_labels: BTreeSet<String>,
 }
 
 impl Runner {
     pub fn new(model: Llama, tok: Arc<Tokenizer>, cfg: SchedulerConfig, stats: Arc<EngineStats>) -> Self {
         let slots = Slots::new(cfg.max_loras);
-        Self { model, tok, sched: Scheduler::new(cfg), slots, active: HashMap::new(), stats, drain_deadline: None }
+        Self { model, tok, sched: Scheduler::new(cfg), slots, active: HashMap::new(), stats, drain_deadline: None, gauge_labels: BTreeSet::new() }
     }
 
     pub fn run(mut self, rx: Receiver<Msg>) {
@@ -168,7 +170,8 @@ impl Runner {
             let adapter = self.active.values().filter_map(|a| a.req.adapter.as_ref()).find(|x| x.key == key).cloned();
             match adapter {
                 Some(x) => self.slots.assign(slot, &x),
-                None => unreachable!("the scheduler assigned adapter {key} that no sequence holds"),
+                // The scheduler only assigns slots to admitted sequences, which hold their adapter.
+                None => tracing::error!("slot {slot} assigned to adapter {key} that no sequence holds"),
             }
         }
         // Take the step's sequences out of the map so each lends its cache mutably.
@@ -269,23 +272,21 @@ impl Runner {
         }
     }
 
-    fn publish_gauges(&self) {
+    /// Running and waiting sequences, in total and per adapter ("base" for the base model).
+    fn publish_gauges(&mut self) {
         self.stats.running.store(self.sched.n_running(), Ordering::SeqCst);
-        let names = |keys: Vec<u64>| -> Vec<String> {
-            let mut v: Vec<String> = keys
-                .iter()
-                .filter_map(|k| self.active.values().filter_map(|a| a.req.adapter.as_ref()).find(|x| x.key == *k).map(|x| x.info.name.clone()))
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        let (running, waiting) = self.sched.adapters();
+        let mut per: BTreeMap<String, [usize; 2]> = BTreeMap::new();
+        for a in self.active.values() {
+            per.entry(a.req.label().to_string()).or_default()[usize::from(!a.admitted)] += 1;
+        }
+        // Series of adapters that had sequences and have none now go to zero.
+        let gone: Vec<String> = self.gauge_labels.iter().filter(|l| !per.contains_key(*l)).cloned().collect();
+        self.gauge_labels = per.keys().cloned().collect();
         m::engine_gauges(
             self.sched.n_running(),
             self.stats.waiting.load(Ordering::SeqCst),
-            &names(running),
-            &names(waiting),
+            &per,
+            &gone,
             self.sched.config().max_loras,
             self.slots.repacks,
         );
