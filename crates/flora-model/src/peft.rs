@@ -43,8 +43,9 @@ pub struct AdapterConfig {
 
 const PREFIX: &str = "base_model.model.model.layers.";
 
-/// Loads and validates an adapter directory for a model of config `cfg`.
-pub fn load_adapter_dir(dir: &Path, name: &str, cfg: &LlamaConfig) -> Result<Adapter> {
+/// Reads `adapter_config.json` of an adapter directory: the config and the adapter's kind.
+/// (Cheap: the weights are not read.)
+pub fn read_adapter_config(dir: &Path, name: &str) -> Result<(AdapterConfig, AdapterKind)> {
     let err = |msg: String| ModelError::Adapter { name: name.to_string(), msg };
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| err(format!("{}: {e}", cfg_path.display())))?;
@@ -55,6 +56,13 @@ pub fn load_adapter_dir(dir: &Path, name: &str, cfg: &LlamaConfig) -> Result<Ada
         "FLORA" => AdapterKind::Flora,
         other => return Err(err(format!("peft_type {other:?} is not supported (LORA, IA3, FLORA)"))),
     };
+    Ok((ac, kind))
+}
+
+/// Loads and validates an adapter directory for a model of config `cfg`.
+pub fn load_adapter_dir(dir: &Path, name: &str, cfg: &LlamaConfig) -> Result<Adapter> {
+    let err = |msg: String| ModelError::Adapter { name: name.to_string(), msg };
+    let (ac, kind) = read_adapter_config(dir, name)?;
     if ac.use_dora == Some(true) {
         return Err(err("DoRA adapters are not supported".into()));
     }

@@ -12,7 +12,6 @@
 //! tell a stale copy from the current one.
 
 use flora_adapters::AdapterKind;
-use flora_model::peft::AdapterConfig;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -144,15 +143,10 @@ impl Registry {
 /// Kind, rank and version from `adapter_config.json` and the weights file's metadata.
 fn read_info(name: &str, dir: &Path) -> Result<AdapterInfo, RegistryError> {
     let bad = |msg: String| RegistryError::BadAdapter { name: name.to_string(), msg };
-    let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(format!("{}: {e}", cfg_path.display())))?;
-    let ac: AdapterConfig = serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", cfg_path.display())))?;
-    let kind = match ac.peft_type.to_ascii_uppercase().as_str() {
-        "LORA" => AdapterKind::Lora,
-        "IA3" => AdapterKind::Ia3,
-        "FLORA" => AdapterKind::Flora,
-        other => return Err(bad(format!("peft_type {other:?} is not supported (LORA, IA3, FLORA)"))),
-    };
+    let (ac, kind) = flora_model::peft::read_adapter_config(dir, name).map_err(|e| match e {
+        flora_model::ModelError::Adapter { msg, .. } => bad(msg),
+        other => bad(other.to_string()),
+    })?;
     let rank = if kind == AdapterKind::Ia3 { 1 } else { ac.r.unwrap_or(0) };
     let weights = dir.join("adapter_model.safetensors");
     let meta = std::fs::metadata(&weights).map_err(|e| bad(format!("{}: {e}", weights.display())))?;
