@@ -103,7 +103,8 @@ fn a_dropped_receiver_cancels_the_sequence() {
 fn shutdown_fails_what_cannot_finish_and_refuses_new_work() {
     let (engine, tok, _) = engine(SchedulerConfig::default());
     let prompt = tok.encode("Write a long story").unwrap();
-    let (req, mut rx) = request(prompt.clone(), None, 4000);
+    let (mut req, mut rx) = request(prompt.clone(), None, 4000);
+    req.ignore_eos = true; // still running when the grace period ends
     engine.submit(req).unwrap();
     assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
     engine.shutdown(Duration::from_millis(200));

@@ -133,7 +133,7 @@ async fn chat_completions_plain_and_streamed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn n_choices_and_seeded_sampling_are_reproducible() {
-    let body = json!({ "model": BASE, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 42, "n": 3 });
+    let body = json!({ "model": BASE, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 42, "n": 3, "ignore_eos": true });
     let (s1, a) = post("/v1/completions", body.clone()).await;
     let (s2, b) = post("/v1/completions", body).await;
     assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
@@ -289,8 +289,10 @@ async fn runtime_load_replace_and_unload_do_not_disturb_running_requests() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["choices"][0]["text"], expected_text(&r2_greedy).0, "new requests use version 2");
 
-    // Unload while a request runs.
-    let mut r = reqwest::Client::new().post(url("/v1/completions")).json(&body).send().await.unwrap();
+    // Unload while a request runs (ignore_eos: it runs to max_tokens).
+    let mut long = body.clone();
+    long["ignore_eos"] = json!(true);
+    let mut r = reqwest::Client::new().post(url("/v1/completions")).json(&long).send().await.unwrap();
     let _ = r.chunk().await.unwrap();
     let (s, _) = post("/v1/unload_lora_adapter", json!({ "lora_name": "hot" })).await;
     assert_eq!(s, StatusCode::OK);
@@ -314,7 +316,7 @@ async fn runtime_load_replace_and_unload_do_not_disturb_running_requests() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_disconnects_mid_stream_cancels_its_sequence() {
     let state = &shared().server.state;
-    let body = json!({ "model": "lora_r2_qv", "prompt": "Tell me a long story", "max_tokens": 2000, "stream": true, "temperature": 0 });
+    let body = json!({ "model": "lora_r2_qv", "prompt": "Tell me a long story", "max_tokens": 2000, "stream": true, "temperature": 0, "ignore_eos": true });
     let mut r = reqwest::Client::new().post(url("/v1/completions")).json(&body).send().await.unwrap();
     let _ = r.chunk().await.unwrap();
     drop(r);
@@ -437,7 +439,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_finishes_running_requests_and_refuses_new_ones() {
     let mut server = TestServer::start(ServeOptions { model_name: BASE.into(), shutdown_grace: Duration::from_secs(60), ..ServeOptions::default() });
-    let body = json!({ "prompt": "Write a poem", "max_tokens": 12, "stream": true, "temperature": 0 });
+    let body = json!({ "prompt": "Write a poem", "max_tokens": 12, "stream": true, "temperature": 0, "ignore_eos": true });
     let mut r = reqwest::Client::new().post(server.url("/v1/completions")).json(&body).send().await.unwrap();
     let mut text = String::from_utf8(r.chunk().await.unwrap().unwrap().to_vec()).unwrap();
     server.begin_shutdown();
@@ -459,7 +461,8 @@ async fn graceful_shutdown_finishes_running_requests_and_refuses_new_ones() {
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_cancels_what_does_not_finish_within_the_grace_period() {
     let mut server = TestServer::start(ServeOptions { model_name: BASE.into(), shutdown_grace: Duration::from_millis(300), ..ServeOptions::default() });
-    let body = json!({ "prompt": "Write a long poem", "max_tokens": 4000, "stream": true });
+    // ignore_eos: the request must still be running when the grace period ends.
+    let body = json!({ "prompt": "Write a long poem", "max_tokens": 4000, "stream": true, "ignore_eos": true });
     let mut r = reqwest::Client::new().post(server.url("/v1/completions")).json(&body).send().await.unwrap();
     let mut text = String::from_utf8(r.chunk().await.unwrap().unwrap().to_vec()).unwrap();
     server.begin_shutdown();
