@@ -25,8 +25,9 @@ pub struct ServeBenchArgs {
     /// that no request is lost or hangs.
     #[arg(long, default_value = "compare", value_parser = ["compare", "pool", "soak"])]
     pub scenario: String,
-    /// Target a running server instead of starting one (its adapters must exist: see --help of
-    /// the scenario; `compare` needs adapters named like `lora-r8-000`).
+    /// Target a running server instead of starting one. It must serve the base model as `base`
+    /// (`flora serve --served-model-name base`) and the adapters the scenario names, e.g.
+    /// `lora-r8-000` (a run without --url writes them under --out).
     #[arg(long)]
     pub url: Option<String>,
     /// Model file for the server started here.
