@@ -48,10 +48,6 @@ pub fn request_cancelled(adapter: &str) {
     counter!("flora_requests_cancelled_total", "adapter" => adapter.to_string()).increment(1);
 }
 
-pub fn request_failed(adapter: &str, kind: &'static str) {
-    error(adapter, kind);
-}
-
 /// An error answered to a client (or a sequence dropped), by kind.
 pub fn error(adapter: &str, kind: &'static str) {
     counter!("flora_errors_total", "adapter" => adapter.to_string(), "kind" => kind).increment(1);

@@ -183,8 +183,9 @@ pub async fn collect(state: &AppState, job: &Job) -> Result<Vec<Choice>, ApiErro
 
 /// Token counts of a job's choices.
 pub fn usage(choices: &[Choice], n: usize) -> Value {
-    // Each prompt is counted once, not once per choice (as OpenAI does).
-    let prompt: usize = choices.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
+    // Each prompt is counted once, not once per choice (as OpenAI does); the n choices of one
+    // prompt have equal prompt_tokens, in whatever order they finished.
+    let prompt: usize = choices.iter().map(|c| c.prompt_tokens).sum::<usize>() / n.max(1);
     let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
     json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
 }
@@ -263,11 +264,7 @@ pub fn stream(state: &AppState, job: &Job, format: impl ChunkFormat, include_usa
             }
         }
         if include_usage && finished.len() == count {
-            // Usage counts each prompt once; choices of one prompt have equal prompt_tokens.
-            let prompt: usize = finished.iter().map(|c| c.prompt_tokens).sum::<usize>() / n;
-            let completion: usize = finished.iter().map(|c| c.completion_tokens).sum();
-            let u = json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion });
-            if !send(format.usage(u)).await {
+            if !send(format.usage(usage(&finished, n))).await {
                 return;
             }
         }

@@ -23,7 +23,8 @@ use tokio::sync::mpsc as tmpsc;
 
 /// One sequence to generate.
 pub struct GenRequest {
-    /// Prompt token ids (BOS included when the model wants it).
+    /// Prompt token ids (BOS included when the model wants it); the engine moves them into
+    /// the sequence's token list.
     pub prompt: Vec<u32>,
     /// None: the base model.
     pub adapter: Option<Arc<LoadedAdapter>>,
@@ -165,7 +166,7 @@ impl EngineHandle {
 
     /// Asks the engine to drain within `grace` and waits for its thread to end.
     pub fn shutdown(&self, grace: Duration) {
-        let _ = self.tx.send(Msg::Shutdown { grace });
+        self.begin_shutdown(grace);
         let thread = self.thread.lock().expect("engine thread lock").take();
         if let Some(t) = thread {
             let _ = t.join();

@@ -113,17 +113,19 @@ impl Runner {
         }
     }
 
-    fn add(&mut self, id: SeqId, req: GenRequest) {
+    fn add(&mut self, id: SeqId, mut req: GenRequest) {
         if self.drain_deadline.is_some() {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let _ = req.events.send(Event::Failed("the server is shutting down".into()));
             return;
         }
         m::request_started(req.label(), req.prompt.len());
+        // The sequence's tokens start as the prompt (moved, not copied).
+        let tokens = std::mem::take(&mut req.prompt);
         let a = Active {
             cache: self.model.new_cache(),
-            tokens: req.prompt.clone(),
-            prompt_len: req.prompt.len(),
+            prompt_len: tokens.len(),
+            tokens,
             sampler: Sampler::new(req.sampling.clone()),
             utf8: Utf8Stream::default(),
             stop: StopFilter::new(req.stop.clone()),
@@ -159,7 +161,7 @@ impl Runner {
         let ids: Vec<SeqId> = self.active.keys().copied().collect();
         for id in ids {
             if let Some(a) = self.remove(id) {
-                m::request_failed(a.req.label(), "shutdown");
+                m::error(a.req.label(), "shutdown");
                 let _ = a.req.events.send(Event::Failed(why.to_string()));
             }
         }
@@ -185,8 +187,7 @@ impl Runner {
             debug_assert!(item.slot.is_none() || self.slots.key(item.slot.unwrap()) == a.req.adapter.as_ref().map(|x| x.key));
             batch.push((item, a));
         }
-        let cfg = self.model.config().clone();
-        let result = match self.slots.tables(&cfg) {
+        let result = match self.slots.tables(self.model.config()) {
             Ok(tables) => {
                 let mut steps: Vec<SeqStep> = batch
                     .iter_mut()
@@ -210,7 +211,7 @@ impl Runner {
                 tracing::error!("step failed: {e}");
                 for (item, a) in batch {
                     self.sched.remove(item.seq);
-                    m::request_failed(a.req.label(), "model");
+                    m::error(a.req.label(), "model");
                     let _ = a.req.events.send(Event::Failed(format!("model error: {e}")));
                 }
                 return;

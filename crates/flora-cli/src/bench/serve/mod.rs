@@ -131,7 +131,7 @@ impl Target {
             adapters_dir: Some(adapters_dir.to_path_buf()),
             max_pool_bytes,
             engine: flora_serve::engine::EngineConfig {
-                scheduler: flora_serve::scheduler::SchedulerConfig { max_batch_tokens: 512, max_running: 64, max_loras, max_kv_tokens: 1 << 17 },
+                scheduler: flora_serve::scheduler::SchedulerConfig { max_loras, ..Default::default() },
                 max_waiting: 4096,
             },
             ..Default::default()
