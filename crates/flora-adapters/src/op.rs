@@ -7,17 +7,69 @@
 
 use crate::batch::AdapterBatch;
 use crate::cpu;
+use crate::cpu::bf16::PackedBf16;
+use crate::cpu::forward::BaseRef;
 use crate::error::{AdapterError, Result};
 use crate::params::LayerAdapters;
 use crate::plan::{plan_layer, ExecOptions, LayerPlan};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use std::sync::Arc;
 
+/// The number format the shared base GEMM of inference runs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// f32 weights and inputs: exact to the f32 reference (the default; training always uses it).
+    #[default]
+    F32,
+    /// bf16 weights (packed once) and inputs, f32 sums: half the bytes per decode step and, with
+    /// AVX512-BF16, twice the multiply rate. Logits move by bf16 rounding (docs/model.md).
+    Bf16,
+}
+
+impl WeightFormat {
+    /// bf16 where the CPU has AVX512-BF16 (the fast kernel), else f32 (bf16 would run a
+    /// portable loop there, slower than f32).
+    pub fn fastest_here() -> Self {
+        if cpu::bf16::has_native_bf16() {
+            WeightFormat::Bf16
+        } else {
+            WeightFormat::F32
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(WeightFormat::F32),
+            "bf16" => Ok(WeightFormat::Bf16),
+            other => Err(format!("unknown weight format {other:?} (expected f32 or bf16)")),
+        }
+    }
+}
+
 /// A frozen base weight `W0 [d_out, d_in]`, stored transposed `[d_in, d_out]` row-major: the
 /// layout in which both the GEMM library and the skinny decode kernel stream it contiguously.
+/// In [`WeightFormat::Bf16`] it also holds a bf16 copy packed for the shared GEMM of the
+/// forward pass (the f32 copy still serves merged fLoRA tiles and backward).
 #[derive(Clone, Debug)]
 pub struct BaseWeight {
     wt: Tensor,
+    bf16: Option<Arc<PackedBf16>>,
     d_in: usize,
     d_out: usize,
 }
@@ -27,7 +79,33 @@ impl BaseWeight {
     pub fn from_out_in(w: &Tensor) -> Result<Self> {
         let (d_out, d_in) = w.dims2()?;
         let wt = w.to_dtype(DType::F32)?.t()?.contiguous()?.detach();
-        Ok(Self { wt, d_in, d_out })
+        Ok(Self { wt, bf16: None, d_in, d_out })
+    }
+
+    /// Switches the format of the forward pass's shared GEMM (packs or drops the bf16 copy).
+    pub fn set_format(&mut self, format: WeightFormat) -> Result<()> {
+        self.bf16 = match format {
+            WeightFormat::F32 => None,
+            WeightFormat::Bf16 if self.bf16.is_some() => self.bf16.take(),
+            WeightFormat::Bf16 => {
+                let packed = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(PackedBf16::pack(wt, self.d_in, self.d_out)))?;
+                Some(Arc::new(packed))
+            }
+        };
+        Ok(())
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        if self.bf16.is_some() {
+            WeightFormat::Bf16
+        } else {
+            WeightFormat::F32
+        }
+    }
+
+    /// Bytes of weight data held (f32 copy plus the bf16 copy, if any).
+    pub fn bytes(&self) -> usize {
+        4 * self.d_in * self.d_out + self.bf16.as_ref().map_or(0, |p| p.bytes())
     }
 
     pub fn d_in(&self) -> usize {
@@ -75,7 +153,7 @@ pub fn adapted_linear(
     }
     let plan = plan_layer(batch, adapters, opts)?;
     let x2 = x.to_dtype(DType::F32)?.reshape((n_rows, base.d_in))?.contiguous()?;
-    let op = AdaptedLinearOp { wt: base.wt.clone(), plan: Arc::new(plan), name: adapters.name_arc() };
+    let op = AdaptedLinearOp { wt: base.wt.clone(), bf16: base.bf16.clone(), plan: Arc::new(plan), name: adapters.name_arc() };
     let y = x2.apply_op2(adapters.params(), op)?;
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = base.d_out;
@@ -84,6 +162,7 @@ pub fn adapted_linear(
 
 struct AdaptedLinearOp {
     wt: Tensor,
+    bf16: Option<Arc<PackedBf16>>,
     plan: Arc<LayerPlan>,
     name: Arc<str>,
 }
@@ -114,7 +193,7 @@ impl CustomOp2 for AdaptedLinearOp {
         let x = f32_slice(s1, l1, "x")?;
         let params = f32_slice(s2, l2, "adapter params")?;
         let plan = &*self.plan;
-        let y = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(cpu::forward::forward(x, wt, params, plan)))?;
+        let y = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(cpu::forward::forward(x, BaseRef { wt, bf16: self.bf16.as_deref() }, params, plan)))?;
         Ok((CpuStorage::F32(y), Shape::from((plan.n_rows, plan.d_out))))
     }
 

@@ -47,6 +47,8 @@ pub struct GenerateArgs {
     /// Stop when the output contains this text (repeatable); the stop text is not printed.
     #[arg(long)]
     pub stop: Vec<String>,
+    #[arg(long, env = "FLORA_WEIGHTS", help = crate::load::WEIGHTS_HELP)]
+    pub weights: Option<flora_adapters::WeightFormat>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -61,7 +63,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Err(e) = params.validate() {
         bail!("--{}", e.replace('_', "-"));
     }
-    let (model, tok) = crate::load::model_and_tokenizer(args.model.as_deref())?;
+    let (model, tok) = crate::load::model_and_tokenizer(args.model.as_deref(), args.weights)?;
     let text = if args.chat { tok.chat_template()?.render(&[ChatMessage::user(args.prompt.clone())], true)? } else { args.prompt.clone() };
     let mut prompt = tok.encode(&text)?;
     if tok.add_bos() {

@@ -15,6 +15,8 @@ pub struct ServeArgs {
     /// Model file; default: $FLORA_MODEL, else SmolLM2-135M-Instruct (fetched into the cache).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[arg(long, env = "FLORA_WEIGHTS", help = crate::load::WEIGHTS_HELP)]
+    pub weights: Option<flora_adapters::WeightFormat>,
     /// Adapters directory, one subdirectory per adapter (PEFT LoRA / IA3, flora fLoRA).
     /// Default: $FLORA_ADAPTERS_DIR, else `adapters` in flora's cache directory.
     #[arg(long)]
@@ -75,7 +77,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 pub fn run(args: ServeArgs) -> Result<()> {
     crate::load::init_logging();
     let path = flora_model::default_model::resolve_model(args.model.as_deref())?;
-    let (model, tok) = crate::load::model_and_tokenizer(Some(&path))?;
+    let (model, tok) = crate::load::model_and_tokenizer(Some(&path), args.weights)?;
     let adapters = args.adapters.or_else(|| std::env::var_os("FLORA_ADAPTERS_DIR").map(PathBuf::from)).unwrap_or_else(|| flora_model::default_model::cache_dir().join("adapters"));
     let c = model.config();
     let kv_bytes_per_token = c.n_layers * c.kv_dim() * 2 * std::mem::size_of::<f32>();

@@ -156,7 +156,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !args.data.exists() {
         bail!("--data {}: no such file", args.data.display());
     }
-    let (model, tok) = crate::load::model_and_tokenizer(args.model.as_deref())?;
+    let (model, tok) = crate::load::model_and_tokenizer(args.model.as_deref(), Some(flora_adapters::WeightFormat::F32))?;
     if args.seq_len > model.config().context {
         bail!("--seq-len {} exceeds the model's context ({})", args.seq_len, model.config().context);
     }

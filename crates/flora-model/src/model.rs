@@ -14,7 +14,7 @@ use crate::kv_cache::KvCache;
 use crate::layers::{causal_attention, rms_norm, Rope};
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
-use flora_adapters::{adapted_linear, AdapterBatch, BaseWeight, ExecOptions, SlotId};
+use flora_adapters::{adapted_linear, AdapterBatch, BaseWeight, ExecOptions, SlotId, WeightFormat};
 
 /// The seven adaptable projections of a block, in PEFT's module names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -176,6 +176,22 @@ impl Llama {
         self.exec = exec;
     }
 
+    /// Runs the shared base GEMMs of inference in `format` (every projection and the LM head).
+    /// Training and merged fLoRA tiles keep using the f32 weights.
+    pub fn set_weight_format(&mut self, format: WeightFormat) -> Result<()> {
+        for blk in &mut self.blocks {
+            for w in &mut blk.proj {
+                w.set_format(format)?;
+            }
+        }
+        self.lm_head.set_format(format)?;
+        Ok(())
+    }
+
+    pub fn weight_format(&self) -> WeightFormat {
+        self.lm_head.format()
+    }
+
     /// A fresh, empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.cfg.n_layers, self.cfg.kv_dim())
@@ -239,6 +255,13 @@ impl Llama {
     /// One inference step over ragged sequences. Appends to each sequence's cache and returns
     /// logits `[rows, vocab]` for the requested positions, sequence by sequence.
     pub fn step(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {
+        // The whole step runs on a worker of the kernels' thread pool: each of its ~200 parallel
+        // GEMMs then forks from inside the pool instead of handing work over from outside it
+        // and sleeping until done (two context switches per GEMM, a quarter of batch-1 decode).
+        rayon::scope(|_| self.step_in_pool(seqs, adapters))
+    }
+
+    fn step_in_pool(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {
         let c = &self.cfg;
         let mut spans = Vec::with_capacity(seqs.len());
         let mut tokens = Vec::new();

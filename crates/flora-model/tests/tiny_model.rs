@@ -98,6 +98,115 @@ fn ragged_steps_equal_full_forward_for_every_adapter_kind() {
     }
 }
 
+/// Logits of `seqs` (tokens, slot) each run alone in one step, and all of them in one ragged
+/// step with prefill chunks and decode tokens mixed (first chunk of length `chunk`, then one
+/// token per step).
+fn alone_and_batched(
+    model: &Llama,
+    packed: &ModelAdapters,
+    seqs: &[(Vec<u32>, Option<u32>)],
+    chunk: usize,
+) -> (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) {
+    let alone = seqs
+        .iter()
+        .map(|(toks, slot)| {
+            let mut cache = model.new_cache();
+            let mut step = [SeqStep {
+                tokens: toks,
+                cache: &mut cache,
+                slot: *slot,
+                logits: Logits::All,
+            }];
+            logits_rows(&model.step(&mut step, Some(packed)).unwrap())
+        })
+        .collect();
+    let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
+    let mut batched: Vec<Vec<Vec<f32>>> = vec![Vec::new(); seqs.len()];
+    let mut done = vec![0usize; seqs.len()];
+    while (0..seqs.len()).any(|i| done[i] < seqs[i].0.len()) {
+        let mut steps = Vec::new();
+        let mut take = Vec::new();
+        for (i, cache) in caches.iter_mut().enumerate() {
+            if done[i] < seqs[i].0.len() {
+                let n = if done[i] == 0 {
+                    chunk.min(seqs[i].0.len())
+                } else {
+                    1
+                };
+                take.push((i, n));
+                steps.push(SeqStep {
+                    tokens: &seqs[i].0[done[i]..done[i] + n],
+                    cache,
+                    slot: seqs[i].1,
+                    logits: Logits::All,
+                });
+            }
+        }
+        let logits = logits_rows(&model.step(&mut steps, Some(packed)).unwrap());
+        let mut row = 0;
+        for (i, n) in take {
+            batched[i].extend_from_slice(&logits[row..row + n]);
+            row += n;
+            done[i] += n;
+        }
+    }
+    (alone, batched)
+}
+
+#[test]
+fn bf16_weights_are_batch_invariant_and_close_to_f32() {
+    let cfg = LlamaConfig::tiny();
+    let mut model = Llama::random(cfg.clone(), 11).unwrap();
+    let adapters = [
+        random_adapter(&cfg, AdapterKind::Lora, 4, &Proj::ALL, 12),
+        random_adapter(&cfg, AdapterKind::Flora, 2, &Proj::ALL, 13),
+        random_adapter(
+            &cfg,
+            AdapterKind::Ia3,
+            1,
+            &[Proj::K, Proj::V, Proj::Down],
+            14,
+        ),
+    ];
+    let packed = ModelAdapters::pack(&cfg, &adapters.iter().collect::<Vec<_>>()).unwrap();
+    let seqs: Vec<(Vec<u32>, Option<u32>)> = vec![
+        ((0..9).map(|i| (i * 7 + 3) % 97).collect(), Some(0)),
+        ((0..6).map(|i| (i * 11 + 1) % 97).collect(), Some(1)),
+        ((0..7).map(|i| (i * 5 + 2) % 97).collect(), None),
+        ((0..5).map(|i| (i * 13 + 4) % 97).collect(), Some(2)),
+    ];
+    let (f32_alone, _) = alone_and_batched(&model, &packed, &seqs, 3);
+    model
+        .set_weight_format(flora_adapters::WeightFormat::Bf16)
+        .unwrap();
+    assert_eq!(model.weight_format(), flora_adapters::WeightFormat::Bf16);
+    let (alone, batched) = alone_and_batched(&model, &packed, &seqs, 3);
+    for i in 0..seqs.len() {
+        let scale = f32_alone[i]
+            .iter()
+            .flatten()
+            .fold(1f32, |a, v| a.max(v.abs()));
+        // The same bf16 products in another order (row blocks differ with the batch): f32 sums only.
+        let d = max_diff(&batched[i], &alone[i]);
+        assert!(
+            d < 1e-4 * scale,
+            "sequence {i}: bf16 batched vs alone differ by {d}"
+        );
+        // bf16 rounding of weights and inputs (2^-9 relative each) over the tiny model's layers.
+        let d = max_diff(&alone[i], &f32_alone[i]);
+        assert!(
+            d < 3e-2 * scale && d > 0.0,
+            "sequence {i}: bf16 vs f32 logits differ by {d} (scale {scale})"
+        );
+    }
+    // Back to f32: exactly the f32 results again.
+    model
+        .set_weight_format(flora_adapters::WeightFormat::F32)
+        .unwrap();
+    let (again, _) = alone_and_batched(&model, &packed, &seqs, 3);
+    assert_eq!(again, f32_alone);
+}
+
 #[test]
 fn identity_adapters_give_base_logits() {
     let cfg = LlamaConfig::tiny();

@@ -14,6 +14,7 @@
 //!   3. Epilogues per segment: LoRA shrink/expand (gather-style, the segment's own rank, no
 //!      padding), IA3 scaling, fLoRA rank reduction.
 
+use super::bf16::PackedBf16;
 use super::matmul::{matmul, MatRef};
 use super::vecops::{axpy, dot, mul_acc, mul_into, scale_by, with_scratch};
 use crate::batch::Segment;
@@ -24,17 +25,35 @@ use rayon::prelude::*;
 /// Rows at or below which LoRA shrink/expand runs as per-row dot/axpy loops instead of GEMM calls.
 const LORA_ROW_LOOP_MAX: usize = 4;
 
+/// The base weight as the kernels see it: `wt = W0^T [d_in, d_out]` in f32 (merged fLoRA
+/// tiles, backward) and, when the weight runs in bf16, its packed copy for the shared GEMM.
+#[derive(Clone, Copy)]
+pub struct BaseRef<'a> {
+    pub wt: &'a [f32],
+    pub bf16: Option<&'a PackedBf16>,
+}
+
+impl BaseRef<'_> {
+    /// `c [m, d_out] = a [m, d_in] · W0^T`: the shared base GEMM, in the weight's format.
+    pub fn gemm(&self, c: &mut [f32], a: &[f32], m: usize, di: usize, dout: usize) {
+        match self.bf16 {
+            Some(p) => super::bf16::gemm(c, dout, a, di, m, p),
+            None => matmul(c, dout, MatRef::row_major(a, m, di), MatRef::row_major(self.wt, di, dout), 1.0, 0.0),
+        }
+    }
+}
+
 /// `y [n, d_out]` for `x [n, d_in]`.
-pub fn forward(x: &[f32], wt: &[f32], params: &[f32], plan: &LayerPlan) -> Vec<f32> {
+pub fn forward(x: &[f32], base: BaseRef, params: &[f32], plan: &LayerPlan) -> Vec<f32> {
     let (n, di, dout) = (plan.n_rows, plan.d_in, plan.d_out);
+    let wt = base.wt;
     assert_eq!(x.len(), n * di, "forward: x has {} values, expected {n}x{di}", x.len());
     assert_eq!(wt.len(), di * dout, "forward: weight has {} values, expected {di}x{dout}", wt.len());
     let mut y = vec![0f32; n * dout];
-    let w = MatRef::row_major(wt, di, dout);
     if plan.all_direct() {
-        matmul(&mut y, dout, MatRef::row_major(x, n, di), w, 1.0, 0.0);
+        base.gemm(&mut y, x, n, di, dout);
     } else {
-        shared_stacked_gemm(x, w, params, plan, &mut y);
+        shared_stacked_gemm(x, base, params, plan, &mut y);
     }
     // Merged fLoRA segments: several run in parallel (each single-threaded, no per-call
     // dispatch); a lone one uses all threads inside its GEMMs.
@@ -55,7 +74,7 @@ pub fn forward(x: &[f32], wt: &[f32], params: &[f32], plan: &LayerPlan) -> Vec<f
 }
 
 /// Step 1 when some rows do not enter the GEMM unchanged: stack, one GEMM, scatter.
-fn shared_stacked_gemm(x: &[f32], w: MatRef, params: &[f32], plan: &LayerPlan, y: &mut [f32]) {
+fn shared_stacked_gemm(x: &[f32], base: BaseRef, params: &[f32], plan: &LayerPlan, y: &mut [f32]) {
     let (di, dout) = (plan.d_in, plan.d_out);
     let n_st = plan.n_stacked_rows();
     if n_st == 0 {
@@ -64,7 +83,7 @@ fn shared_stacked_gemm(x: &[f32], w: MatRef, params: &[f32], plan: &LayerPlan, y
     with_scratch(1, n_st * di, |xs| {
         stack_inputs(x, params, plan, xs);
         with_scratch(2, n_st * dout, |zs| {
-            matmul(zs, dout, MatRef::row_major(xs, n_st, di), w, 1.0, 0.0);
+            base.gemm(zs, xs, n_st, di, dout);
             let mut r0 = 0;
             for (seg, exec) in &plan.segments {
                 let ys = &mut y[seg.start * dout..(seg.start + seg.len) * dout];

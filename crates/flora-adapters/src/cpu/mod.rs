@@ -2,6 +2,7 @@
 //! `forward` / `backward` contract (see docs/architecture.md).
 
 pub mod backward;
+pub mod bf16;
 pub mod forward;
 pub mod matmul;
 pub mod skinny;

@@ -51,6 +51,9 @@ pub enum BenchCommand {
         /// Decode steps timed after the prefill.
         #[arg(long, default_value_t = 16)]
         decode_steps: usize,
+        /// Weight formats to measure, in order (comma-separated): f32, bf16.
+        #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+        weights: Vec<flora_adapters::WeightFormat>,
     },
     /// The HTTP server under load: base vs LoRA vs fLoRA at each rank (the paper's serving
     /// analysis), the adapter pool under Zipf traffic over many adapters, or a soak with clients
@@ -81,11 +84,11 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Layers { quick, out, budget, dims, ranks } => layers::run(quick, &out, budget, dims, ranks),
-        BenchCommand::Model { model, out, quick, prompt_len, decode_steps } => {
+        BenchCommand::Model { model, out, quick, prompt_len, decode_steps, weights } => {
             if prompt_len == 0 || decode_steps == 0 {
                 anyhow::bail!("--prompt-len and --decode-steps must be positive");
             }
-            model::run(model.as_deref(), &out, quick, prompt_len, decode_steps)
+            model::run(model.as_deref(), &out, quick, prompt_len, decode_steps, &weights)
         }
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Train { model, out, quick, seq_len, steps } => {

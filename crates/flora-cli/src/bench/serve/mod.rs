@@ -33,6 +33,8 @@ pub struct ServeBenchArgs {
     /// Model file for the server started here.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[arg(long, env = "FLORA_WEIGHTS", help = crate::load::WEIGHTS_HELP)]
+    pub weights: Option<flora_adapters::WeightFormat>,
     /// Output directory (CSV, chart, report; generated adapters under DIR/adapters).
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -125,7 +127,7 @@ impl Target {
         if let Some(url) = &args.url {
             return Ok(Self { url: url.trim_end_matches('/').to_string(), runtime, server: None });
         }
-        let (model, tok) = crate::load::model_and_tokenizer(args.model.as_deref())?;
+        let (model, tok) = crate::load::model_and_tokenizer(args.model.as_deref(), args.weights)?;
         let opts = flora_serve::ServeOptions {
             model_name: "base".into(),
             adapters_dir: Some(adapters_dir.to_path_buf()),

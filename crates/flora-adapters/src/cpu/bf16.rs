@@ -1,0 +1,594 @@
+//! bf16 base weights for the shared base GEMM of inference: `C[m, n] = A[m, k] · W[k, n]`,
+//! with `W` (a base weight stored `W0^T`) rounded to bf16 once, at load, and packed in column
+//! panels, `A` rounded to bf16 per call, and every product accumulated in f32.
+//!
+//! Why: a decode step streams every weight once, so half the bytes is up to twice the speed
+//! where memory bandwidth binds (small batches); and AVX512-BF16's `vdpbf16ps` does two
+//! multiply-adds per f32 lane per instruction, twice the f32 FMA rate where arithmetic binds
+//! (large batches, prefill). The price is bf16 precision (8 significant bits) of the weights
+//! and of the projection inputs; see docs/model.md for what that does to logits.
+//!
+//! Packed layout: panel `p` holds columns `p*NR .. p*NR + NR` (zero past `n`). Inside a panel,
+//! k-pair `q` (rows `2q`, `2q + 1`; zero past `k`) is `NR` u32 words, word `j` =
+//! `bf16(W[2q][j]) | bf16(W[2q+1][j]) << 16`: the operand order of `vdpbf16ps` (per 32-bit
+//! lane `lo*lo + hi*hi`). One 64-byte load then feeds 16 columns x 2 k-steps, and a panel is
+//! one contiguous stream of `ceil(k/2) * NR` words.
+//!
+//! Runs the AVX512-BF16 kernel where the CPU has it (checked at run time), a portable scalar
+//! loop over the same layout elsewhere; [`gemm_slow`] is the obvious reference for tests.
+
+use rayon::prelude::*;
+
+/// Columns per panel: three 16-lane vectors.
+pub const NR: usize = 48;
+/// Rows per register block (8 rows x 3 vectors = 24 accumulators).
+const MR: usize = 8;
+/// k-pairs per block: `KC * NR * 4` bytes = 24 KiB of the panel stay in L1 while every row
+/// block of A passes over them.
+const KC: usize = 128;
+/// Rows of A per outer block (their bf16 copy, `MC * k * 2` bytes, stays in L2).
+const MC: usize = 128;
+
+/// Round to nearest even, as `vcvtne2ps2bf16` does (denormals flush to signed zero, NaN stays NaN).
+#[inline]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    if x != 0.0 && x.abs() < f32::MIN_POSITIVE {
+        return ((bits >> 16) & 0x8000) as u16;
+    }
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+#[inline]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// A `[k, n]` row-major f32 matrix rounded to bf16 and packed in column panels (layout above).
+#[derive(Clone, Debug)]
+pub struct PackedBf16 {
+    words: Vec<u32>,
+    k: usize,
+    n: usize,
+    /// k-pairs: `ceil(k / 2)`.
+    kp: usize,
+}
+
+impl PackedBf16 {
+    /// Packs `w [k, n]` (row-major).
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "bf16 pack: {} values for {k}x{n}", w.len());
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut words = vec![0u32; panels * kp * NR];
+        let at = |i: usize, j: usize| {
+            if i < k && j < n {
+                f32_to_bf16(w[i * n + j]) as u32
+            } else {
+                0
+            }
+        };
+        words
+            .par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for (q, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (jj, word) in row.iter_mut().enumerate() {
+                        let j = p * NR + jj;
+                        *word = at(2 * q, j) | (at(2 * q + 1, j) << 16);
+                    }
+                }
+            });
+        Self { words, k, n, kp }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Bytes held (padding included).
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 4
+    }
+
+    /// The bf16-rounded `W[i][j]`, as f32.
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        assert!(
+            i < self.k && j < self.n,
+            "bf16 get: ({i}, {j}) outside {}x{}",
+            self.k,
+            self.n
+        );
+        let word = self.panel(j / NR)[(i / 2) * NR + j % NR];
+        bf16_to_f32(if i % 2 == 0 {
+            word as u16
+        } else {
+            (word >> 16) as u16
+        })
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    fn panel(&self, p: usize) -> &[u32] {
+        &self.words[p * self.kp * NR..(p + 1) * self.kp * NR]
+    }
+}
+
+/// Whether this CPU runs the AVX512-BF16 kernel (else the portable loop runs).
+pub fn has_native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rows of `a [m, k]` (row stride `lda`) rounded to bf16 pairs: `out [m, kp]` words, word `q` =
+/// `bf16(a[2q]) | bf16(a[2q+1]) << 16`, zero past `k`.
+pub fn round_rows(out: &mut [u32], a: &[f32], lda: usize, m: usize, k: usize) {
+    let kp = k.div_ceil(2);
+    assert!(out.len() >= m * kp, "bf16 round_rows: output too small");
+    let row = |(i, o): (usize, &mut [u32])| round_row(o, &a[i * lda..i * lda + k]);
+    if m >= 64 && super::matmul::n_threads() > 1 {
+        out[..m * kp].par_chunks_mut(kp).enumerate().for_each(row);
+    } else {
+        out[..m * kp].chunks_mut(kp).enumerate().for_each(row);
+    }
+}
+
+fn round_row(out: &mut [u32], x: &[f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_native_bf16() {
+        // SAFETY: the CPU has AVX512-BF16; the kernel reads x[..32*chunks] and writes out[..16*chunks].
+        done = unsafe { x86::round_row(out, x) };
+    }
+    for q in done / 2..out.len() {
+        let lo = x.get(2 * q).map_or(0, |&v| f32_to_bf16(v) as u32);
+        let hi = x.get(2 * q + 1).map_or(0, |&v| f32_to_bf16(v) as u32);
+        out[q] = lo | (hi << 16);
+    }
+}
+
+thread_local! {
+    static A_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `c [m, n] (row stride ldc) = a [m, k] (row stride lda) · W`, overwriting `c`.
+pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &PackedBf16) {
+    let (k, n, kp) = (w.k, w.n, w.kp);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * lda + k <= a.len(), "bf16 gemm: A out of bounds");
+    assert!((m - 1) * ldc + n <= c.len(), "bf16 gemm: C out of bounds");
+    A_BF16.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < m * kp {
+            buf.resize(m * kp, 0);
+        }
+        round_rows(&mut buf, a, lda, m, k);
+        let a16 = &buf[..m * kp];
+        let panels = w.panels();
+        let flops = 2 * m * n * k;
+        let n_chunks = if flops < (1 << 20) && w.bytes() < (1 << 19) {
+            1
+        } else {
+            super::matmul::n_threads().min(panels)
+        };
+        let per_chunk = panels.div_ceil(n_chunks);
+        let cp = SendPtr(c.as_mut_ptr());
+        let run = |chunk: usize| {
+            let (p0, p1) = (chunk * per_chunk, ((chunk + 1) * per_chunk).min(panels));
+            let cp = cp;
+            // SAFETY: chunks write disjoint column ranges of C, inside the bounds asserted above.
+            unsafe { run_panels(cp.0, ldc, a16, m, w, p0, p1) };
+        };
+        if n_chunks == 1 {
+            run(0);
+        } else {
+            (0..n_chunks).into_par_iter().for_each(run);
+        }
+    });
+}
+
+/// Columns of panels `p0..p1` of C, all rows.
+unsafe fn run_panels(
+    c: *mut f32,
+    ldc: usize,
+    a16: &[u32],
+    m: usize,
+    w: &PackedBf16,
+    p0: usize,
+    p1: usize,
+) {
+    let kp = w.kp;
+    for i0 in (0..m).step_by(MC) {
+        let i1 = (i0 + MC).min(m);
+        for p in p0..p1 {
+            let j0 = p * NR;
+            let nr = NR.min(w.n - j0);
+            let panel = w.panel(p);
+            for q0 in (0..kp).step_by(KC) {
+                let kc = KC.min(kp - q0);
+                for ib in (i0..i1).step_by(MR) {
+                    let rows = MR.min(i1 - ib);
+                    let a = &a16[ib * kp + q0..];
+                    let b = &panel[q0 * NR..(q0 + kc) * NR];
+                    let cb = c.add(ib * ldc + j0);
+                    block(rows, kc, a, kp, b, cb, ldc, nr, q0 > 0);
+                }
+            }
+        }
+    }
+}
+
+/// `C[rows, nr] (+)= A[rows, kc pairs] · B[kc pairs, NR]`; `accumulate` adds to C, else overwrites.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    rows: usize,
+    kc: usize,
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_native_bf16() {
+        return x86::block(
+            rows,
+            kc,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            c,
+            ldc,
+            nr,
+            accumulate,
+        );
+    }
+    portable_block(rows, kc, a, lda, b, c, ldc, nr, accumulate)
+}
+
+/// The same block, one lane at a time (CPUs without AVX512-BF16).
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_block(
+    rows: usize,
+    kc: usize,
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    let mut acc = [0f32; NR];
+    for i in 0..rows {
+        acc.fill(0.0);
+        for q in 0..kc {
+            let aw = a[i * lda + q];
+            let (alo, ahi) = (bf16_to_f32(aw as u16), bf16_to_f32((aw >> 16) as u16));
+            for (j, acc_j) in acc.iter_mut().enumerate().take(nr) {
+                let bw = b[q * NR + j];
+                *acc_j += alo * bf16_to_f32(bw as u16) + ahi * bf16_to_f32((bw >> 16) as u16);
+            }
+        }
+        let crow = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
+        for (o, v) in crow.iter_mut().zip(&acc) {
+            *o = if accumulate { *o + v } else { *v };
+        }
+    }
+}
+
+/// The obvious reference: `c = bf16(a) · W` with f64 sums, for tests of [`gemm`].
+pub fn gemm_slow(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &PackedBf16) {
+    for i in 0..m {
+        for j in 0..w.n {
+            let mut acc = 0f64;
+            for p in 0..w.k {
+                acc += bf16_to_f32(f32_to_bf16(a[i * lda + p])) as f64 * w.get(p, j) as f64;
+            }
+            c[i * ldc + j] = acc as f32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Rounds `x[..32*chunks]` into `out[..16*chunks]` (pairs in order); returns floats done.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn round_row(out: &mut [u32], x: &[f32]) -> usize {
+        let chunks = (x.len() / 32).min(out.len() / 16);
+        for ch in 0..chunks {
+            let lo = _mm512_loadu_ps(x.as_ptr().add(32 * ch));
+            let hi = _mm512_loadu_ps(x.as_ptr().add(32 * ch + 16));
+            // Lower 16 bf16 lanes from the second operand: x[0..16] then x[16..32], in order.
+            let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.as_mut_ptr().add(16 * ch) as *mut _, packed);
+        }
+        chunks * 32
+    }
+
+    fn lane_mask(nr: usize, start: usize) -> __mmask16 {
+        let valid = nr.saturating_sub(start).min(16);
+        if valid == 16 {
+            0xFFFF
+        } else {
+            ((1u32 << valid) - 1) as __mmask16
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block(
+        rows: usize,
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        nr: usize,
+        accumulate: bool,
+    ) {
+        let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
+        debug_assert!(rows <= MR);
+        match rows {
+            8 => micro::<8>(kc, a, lda, b, c, ldc, masks, accumulate),
+            7 => micro::<7>(kc, a, lda, b, c, ldc, masks, accumulate),
+            6 => micro::<6>(kc, a, lda, b, c, ldc, masks, accumulate),
+            5 => micro::<5>(kc, a, lda, b, c, ldc, masks, accumulate),
+            4 => micro::<4>(kc, a, lda, b, c, ldc, masks, accumulate),
+            3 => micro::<3>(kc, a, lda, b, c, ldc, masks, accumulate),
+            2 => micro::<2>(kc, a, lda, b, c, ldc, masks, accumulate),
+            _ => micro::<1>(kc, a, lda, b, c, ldc, masks, accumulate),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_b(b: *const u32) -> __m512bh {
+        std::mem::transmute(_mm512_loadu_si512(b as *const _))
+    }
+
+    #[inline(always)]
+    unsafe fn splat_a(a: *const u32) -> __m512bh {
+        std::mem::transmute(_mm512_set1_epi32(*a as i32))
+    }
+
+    /// `C[R, nr] (+)= A[R, kc pairs] · B`, accumulators in registers. Blocks of up to two rows
+    /// keep a second accumulator set for odd k-pairs: with so few independent chains the
+    /// `vdpbf16ps` latency, not its throughput, would bind (batch-1 decode).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro<const R: usize>(
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        masks: [__mmask16; 3],
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        let mut q = 0;
+        if R <= 2 {
+            let mut acc2 = [[_mm512_setzero_ps(); 3]; R];
+            while q + 2 <= kc {
+                let bp = b.add(q * NR);
+                let (b0, b1, b2) = (load_b(bp), load_b(bp.add(16)), load_b(bp.add(32)));
+                let (b3, b4, b5) = (
+                    load_b(bp.add(NR)),
+                    load_b(bp.add(NR + 16)),
+                    load_b(bp.add(NR + 32)),
+                );
+                for i in 0..R {
+                    let av = splat_a(a.add(i * lda + q));
+                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+                    acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
+                    let av = splat_a(a.add(i * lda + q + 1));
+                    acc2[i][0] = _mm512_dpbf16_ps(acc2[i][0], av, b3);
+                    acc2[i][1] = _mm512_dpbf16_ps(acc2[i][1], av, b4);
+                    acc2[i][2] = _mm512_dpbf16_ps(acc2[i][2], av, b5);
+                }
+                q += 2;
+            }
+            for i in 0..R {
+                for v in 0..3 {
+                    acc[i][v] = _mm512_add_ps(acc[i][v], acc2[i][v]);
+                }
+            }
+        }
+        while q < kc {
+            let bp = b.add(q * NR);
+            let (b0, b1, b2) = (load_b(bp), load_b(bp.add(16)), load_b(bp.add(32)));
+            for i in 0..R {
+                let av = splat_a(a.add(i * lda + q));
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+                acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
+            }
+            q += 1;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, &acc_v) in row.iter().enumerate() {
+                if masks[v] == 0 {
+                    continue;
+                }
+                let cp = c.add(i * ldc + v * 16);
+                let out = if accumulate {
+                    _mm512_add_ps(acc_v, _mm512_maskz_loadu_ps(masks[v], cp))
+                } else {
+                    acc_v
+                };
+                _mm512_mask_storeu_ps(cp, masks[v], out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_nearest_even() {
+        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6).
+        assert_eq!(
+            bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 256.0)),
+            1.0 + 1.0 / 64.0
+        );
+        assert_eq!(bf16_to_f32(f32_to_bf16(-2.5)), -2.5);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::MAX)), f32::INFINITY);
+        assert_eq!(f32_to_bf16(-1e-40), 0x8000);
+        for x in rand_vec(1000, 9) {
+            let r = bf16_to_f32(f32_to_bf16(x));
+            assert!((r - x).abs() <= x.abs() / 256.0, "{x} -> {r}");
+        }
+    }
+
+    #[test]
+    fn vector_rounding_equals_scalar() {
+        for k in [1, 2, 31, 32, 33, 64, 577] {
+            let x: Vec<f32> = rand_vec(k, k as u64).into_iter().map(|v| v * 1e3).collect();
+            let mut fast = vec![0u32; k.div_ceil(2)];
+            round_rows(&mut fast, &x, k, 1, k);
+            let slow: Vec<u32> = (0..k.div_ceil(2))
+                .map(|q| {
+                    f32_to_bf16(x[2 * q]) as u32
+                        | (x.get(2 * q + 1).map_or(0, |&v| f32_to_bf16(v) as u32) << 16)
+                })
+                .collect();
+            assert_eq!(fast, slow, "k = {k}");
+        }
+    }
+
+    #[test]
+    fn packing_keeps_every_value() {
+        let (k, n) = (7, 53);
+        let w = rand_vec(k * n, 4);
+        let p = PackedBf16::pack(&w, k, n);
+        for i in 0..k {
+            for j in 0..n {
+                assert_eq!(p.get(i, j), bf16_to_f32(f32_to_bf16(w[i * n + j])));
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_slow_across_shapes() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 577, 129),
+            (2, 576, 192),
+            (3, 16, 17),
+            (8, 300, 48),
+            (9, 257, 97),
+            (32, 576, 576),
+            (33, 64, 200),
+            (130, 65, 47),
+            (140, 300, 100),
+        ];
+        for &(m, k, n) in &shapes {
+            let a = rand_vec(m * (k + 3), 1);
+            let w = rand_vec(k * n, 2);
+            let p = PackedBf16::pack(&w, k, n);
+            let ldc = n + 5;
+            let mut fast = vec![f32::NAN; m * ldc];
+            let mut slow = fast.clone();
+            gemm(&mut fast, ldc, &a, k + 3, m, &p);
+            gemm_slow(&mut slow, ldc, &a, k + 3, m, &p);
+            for i in 0..m {
+                for j in 0..n {
+                    let (x, y) = (fast[i * ldc + j], slow[i * ldc + j]);
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + k as f32).sqrt(),
+                        "{m}x{k}x{n} at ({i},{j}): {x} vs {y}"
+                    );
+                }
+                // Padding columns of C are never written.
+                assert!(
+                    fast[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()),
+                    "{m}x{k}x{n}: wrote past n"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn portable_block_matches_native() {
+        // The fallback runs on CPUs without AVX512-BF16; here it must agree with the native path.
+        let (m, k, n) = (5, 70, 48);
+        let a = rand_vec(m * k, 5);
+        let p = PackedBf16::pack(&rand_vec(k * n, 6), k, n);
+        let kp = k.div_ceil(2);
+        let mut a16 = vec![0u32; m * kp];
+        round_rows(&mut a16, &a, k, m, k);
+        let mut portable = vec![0f32; m * n];
+        unsafe {
+            portable_block(
+                m,
+                kp,
+                &a16,
+                kp,
+                p.panel(0),
+                portable.as_mut_ptr(),
+                n,
+                n,
+                false,
+            )
+        };
+        let mut slow = vec![0f32; m * n];
+        gemm_slow(&mut slow, n, &a, k, m, &p);
+        for (x, y) in portable.iter().zip(&slow) {
+            assert!((x - y).abs() <= 1e-4, "{x} vs {y}");
+        }
+    }
+}
