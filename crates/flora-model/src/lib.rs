@@ -10,6 +10,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod peft;
+pub mod rows;
 pub mod sampling;
 pub mod weights;
 

@@ -12,6 +12,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::{causal_attention, rms_norm, Rope};
+use crate::rows;
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
 use flora_adapters::{adapted_linear, AdapterBatch, BaseWeight, ExecOptions, SlotId, WeightFormat};
@@ -295,18 +296,23 @@ impl Llama {
         let n = tokens.len();
         let batch = AdapterBatch::from_runs(&runs);
         let dev = self.embed.device().clone();
-        let mut h = self.embed.index_select(&Tensor::from_vec(tokens, n, &dev)?, 0)?;
+        // The residual stream `h [n, hidden]` stays a plain buffer; only projection inputs become tensors.
+        let mut h = self.embed.index_select(&Tensor::from_vec(tokens, n, &dev)?, 0)?.flatten_all()?.to_vec1::<f32>()?;
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let tensor = |v: Vec<f32>, dim: usize| Tensor::from_vec(v, (n, dim), &dev);
+        let rows_of = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         for (li, blk) in self.blocks.iter().enumerate() {
-            let x = rms_norm(&h, &blk.attn_norm, c.rms_eps)?;
-            let mut q = self.proj(&x, li, Proj::Q, &batch, adapters)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = self.proj(&x, li, Proj::K, &batch, adapters)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = self.proj(&x, li, Proj::V, &batch, adapters)?.flatten_all()?.to_vec1::<f32>()?;
+            let x = tensor(rows::rms_norm_rows(&h, &blk.attn_norm.to_vec1::<f32>()?, c.rms_eps), c.hidden)?;
+            let mut q = rows_of(self.proj(&x, li, Proj::Q, &batch, adapters)?)?;
+            let mut k = rows_of(self.proj(&x, li, Proj::K, &batch, adapters)?)?;
+            let v = rows_of(self.proj(&x, li, Proj::V, &batch, adapters)?)?;
             let a = ragged_attention(&mut q, &mut k, &v, &spans, &mut caches, li, self.heads(), &self.rope);
-            let a = Tensor::from_vec(a, (n, c.q_dim()), &dev)?;
-            h = (h + self.proj(&a, li, Proj::O, &batch, adapters)?)?;
-            let x = rms_norm(&h, &blk.ffn_norm, c.rms_eps)?;
-            h = (&h + self.mlp(&x, li, &batch, adapters)?)?;
+            rows::add_into(&mut h, &rows_of(self.proj(&tensor(a, c.q_dim())?, li, Proj::O, &batch, adapters)?)?);
+            let x = tensor(rows::rms_norm_rows(&h, &blk.ffn_norm.to_vec1::<f32>()?, c.rms_eps), c.hidden)?;
+            let mut gate = rows_of(self.proj(&x, li, Proj::Gate, &batch, adapters)?)?;
+            let up = rows_of(self.proj(&x, li, Proj::Up, &batch, adapters)?)?;
+            rows::silu_mul_into(&mut gate, &up, c.intermediate);
+            rows::add_into(&mut h, &rows_of(self.proj(&tensor(gate, c.intermediate)?, li, Proj::Down, &batch, adapters)?)?);
         }
         for (cache, span) in caches.iter_mut().zip(&spans) {
             cache.advance(span.len);
@@ -315,8 +321,8 @@ impl Llama {
         if n_logits == 0 {
             return Ok(Tensor::zeros((0, c.vocab), DType::F32, &dev)?);
         }
-        let h = h.index_select(&Tensor::from_vec(logit_rows, n_logits, &dev)?, 0)?;
-        let h = rms_norm(&h, &self.norm, c.rms_eps)?;
+        let last: Vec<f32> = logit_rows.iter().flat_map(|&r| h[r as usize * c.hidden..(r as usize + 1) * c.hidden].iter().copied()).collect();
+        let h = Tensor::from_vec(rows::rms_norm_rows(&last, &self.norm.to_vec1::<f32>()?, c.rms_eps), (n_logits, c.hidden), &dev)?;
         Ok(adapted_linear(&h, &self.lm_head, &AdapterBatch::base_only(n_logits), None, &self.exec)?)
     }
 }

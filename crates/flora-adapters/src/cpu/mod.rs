@@ -7,3 +7,5 @@ pub mod forward;
 pub mod matmul;
 pub mod skinny;
 pub mod vecops;
+
+pub use skinny::has_avx512;

@@ -25,7 +25,7 @@ pub fn wants(m: usize, k: usize, n: usize) -> bool {
     m <= MAX_ROWS && k >= 8 && n >= 16 && has_avx512()
 }
 
-fn has_avx512() -> bool {
+pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;

@@ -51,6 +51,9 @@ pub enum BenchCommand {
         /// Decode steps timed after the prefill.
         #[arg(long, default_value_t = 16)]
         decode_steps: usize,
+        /// Batch sizes to measure (comma-separated); default 1,8,32 (1,8 with --quick).
+        #[arg(long, value_delimiter = ',')]
+        batches: Option<Vec<usize>>,
         /// Weight formats to measure, in order (comma-separated): f32, bf16.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
         weights: Vec<flora_adapters::WeightFormat>,
@@ -84,11 +87,15 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Layers { quick, out, budget, dims, ranks } => layers::run(quick, &out, budget, dims, ranks),
-        BenchCommand::Model { model, out, quick, prompt_len, decode_steps, weights } => {
+        BenchCommand::Model { model, out, quick, prompt_len, decode_steps, batches, weights } => {
             if prompt_len == 0 || decode_steps == 0 {
                 anyhow::bail!("--prompt-len and --decode-steps must be positive");
             }
-            model::run(model.as_deref(), &out, quick, prompt_len, decode_steps, &weights)
+            if batches.as_ref().is_some_and(|b| b.is_empty() || b.contains(&0)) {
+                anyhow::bail!("--batches must list positive batch sizes");
+            }
+            let batches = batches.unwrap_or_else(|| if quick { vec![1, 8] } else { vec![1, 8, 32] });
+            model::run(model.as_deref(), &out, quick, prompt_len, decode_steps, &batches, &weights)
         }
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Train { model, out, quick, seq_len, steps } => {
