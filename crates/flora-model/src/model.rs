@@ -94,6 +94,24 @@ pub struct Llama {
     exec: ExecOptions,
 }
 
+/// Runs the pool's pending work until `done` is set (see [`Llama::step`]).
+fn spin_until(done: &std::sync::atomic::AtomicBool) {
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Sets the flag when dropped: the spinners stop however the step ends (error or panic).
+struct SetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Which positions of a sequence need logits in a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -259,7 +277,16 @@ impl Llama {
         // The whole step runs on a worker of the kernels' thread pool: each of its ~200 parallel
         // GEMMs then forks from inside the pool instead of handing work over from outside it
         // and sleeping until done (two context switches per GEMM, a quarter of batch-1 decode).
-        rayon::scope(|_| self.step_in_pool(seqs, adapters))
+        // The other workers spin for the step's duration, taking each fork's other half at
+        // once instead of going to sleep between forks and being woken by the next one.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        rayon::scope(|s| {
+            for _ in 1..rayon::current_num_threads() {
+                s.spawn(|_| spin_until(&done));
+            }
+            let _stop = SetOnDrop(&done);
+            self.step_in_pool(seqs, adapters)
+        })
     }
 
     fn step_in_pool(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {

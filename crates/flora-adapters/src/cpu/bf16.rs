@@ -192,7 +192,9 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &Pack
         let a16 = &buf[..m * kp];
         let panels = w.panels();
         let flops = 2 * m * n * k;
-        let n_chunks = if flops < (1 << 20) && w.bytes() < (1 << 19) {
+        // Split once there is enough arithmetic or enough weight to stream: a decode step's
+        // k and v projections (220 KB in bf16) already stream faster on two cores.
+        let n_chunks = if flops < (1 << 20) && w.bytes() < (1 << 17) {
             1
         } else {
             super::matmul::n_threads().min(panels)

@@ -239,7 +239,7 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
                 "batch-1 decode vs the bandwidth limit".into(),
                 f,
                 format!(
-                    "{:.1} tok/s = {ratio:.2}x of {limit:.0} tok/s ({:.0} MB/token)",
+                    "{:.1} tok/s = {ratio:.3}x of {limit:.0} tok/s ({:.0} MB/token)",
                     r.decode_tok_s,
                     weight_bytes_per_token(cx.cfg, f) / 1e6
                 ),
@@ -266,7 +266,7 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
             line(
                 "prefill (best batch) vs transformers' 680 tok/s".into(),
                 f,
-                format!("{best:.0} tok/s = {ratio:.2}x"),
+                format!("{best:.0} tok/s = {ratio:.3}x"),
                 ">= 1.5x".into(),
                 ratio >= 1.5,
             );
@@ -281,7 +281,7 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
             line(
                 format!("{b} distinct LoRA r=8 decode vs base"),
                 f,
-                format!("{ratio:.2}x"),
+                format!("{ratio:.3}x"),
                 ">= 0.85x".into(),
                 ratio >= 0.85,
             );
