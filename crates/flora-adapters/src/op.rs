@@ -160,6 +160,45 @@ pub fn adapted_linear(
     Ok(y.reshape(out_dims)?)
 }
 
+/// The inference twin of [`adapted_linear`] on plain buffers: `x [rows, d_in]` row-major in,
+/// `y [rows, d_out]` out, the same kernels and plan, no tensors and no autograd. The model's
+/// inference step calls it for every projection (a decode step at batch 1 is otherwise a
+/// tenth candle bookkeeping).
+pub fn adapted_linear_rows(
+    x: &[f32],
+    base: &BaseWeight,
+    batch: &AdapterBatch,
+    adapters: Option<&LayerAdapters>,
+    opts: &ExecOptions,
+) -> Result<Vec<f32>> {
+    let name = adapters.map_or("base", |a| a.name());
+    if x.len() % base.d_in != 0 || adapters.is_some_and(|a| a.d_in() != base.d_in || a.d_out() != base.d_out) {
+        return Err(AdapterError::BadInput { layer: name.to_string(), got: vec![x.len()], d_in: base.d_in });
+    }
+    let n_rows = x.len() / base.d_in;
+    if batch.n_rows() != n_rows {
+        return Err(AdapterError::BadBatch {
+            layer: name.to_string(),
+            msg: format!("the batch describes {} rows, the input has {n_rows}", batch.n_rows()),
+        });
+    }
+    let bf16 = base.bf16.as_deref();
+    Ok(with_cpu_tensor(&base.wt, "base weight", |wt| {
+        let base_ref = BaseRef { wt, bf16 };
+        match adapters {
+            None => {
+                let mut y = vec![0f32; n_rows * base.d_out];
+                base_ref.gemm(&mut y, x, n_rows, base.d_in, base.d_out);
+                Ok(y)
+            }
+            Some(a) => {
+                let plan = plan_layer(batch, a, opts).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, &plan)))
+            }
+        }
+    })?)
+}
+
 struct AdaptedLinearOp {
     wt: Tensor,
     bf16: Option<Arc<PackedBf16>>,

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use flora_adapters::{adapted_linear, AdapterBatch, BaseWeight, ExecOptions, FloraPolicy};
+use flora_adapters::{adapted_linear, adapted_linear_rows, AdapterBatch, BaseWeight, ExecOptions, FloraPolicy, WeightFormat};
 
 const POLICIES: [FloraPolicy; 3] = [FloraPolicy::Vectorized, FloraPolicy::Merged, FloraPolicy::Auto];
 
@@ -21,14 +21,24 @@ fn mixed_kinds() -> Vec<Kind> {
     kinds
 }
 
-fn run(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy) -> Vec<f32> {
+/// The seam's output in `format`; the tensor entry point and the plain-rows one
+/// (`adapted_linear_rows`, the inference step's) must agree bit for bit.
+fn run_in(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy, format: WeightFormat) -> Vec<f32> {
     let n = batch.n_rows();
     let xt = Tensor::from_vec(x.to_vec(), (n, fx.d_in), &Device::Cpu).unwrap();
-    let base = BaseWeight::from_out_in(&fx.w0_tensor()).unwrap();
+    let mut base = BaseWeight::from_out_in(&fx.w0_tensor()).unwrap();
+    base.set_format(format).unwrap();
     let opts = ExecOptions { flora: policy, ..Default::default() };
     let y = adapted_linear(&xt, &base, batch, Some(&fx.layer), &opts).unwrap();
     assert_eq!(y.dims(), &[n, fx.d_out]);
-    y.flatten_all().unwrap().to_vec1().unwrap()
+    let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let rows = adapted_linear_rows(x, &base, batch, Some(&fx.layer), &opts).unwrap();
+    assert!(rows == y, "adapted_linear_rows differs from adapted_linear ({format})");
+    y
+}
+
+fn run(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy) -> Vec<f32> {
+    run_in(fx, x, batch, policy, WeightFormat::F32)
 }
 
 fn check(d_in: usize, d_out: usize, n_rows: usize, seed: u64) {
@@ -43,6 +53,11 @@ fn check(d_in: usize, d_out: usize, n_rows: usize, seed: u64) {
             let err = max_rel_err(&got, &want);
             assert!(err < 2e-4, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}, {policy:?}: max rel err {err}");
         }
+        // bf16 base weights: the shared GEMM's inputs and weights rounded to 8 significant bits.
+        let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+        let got = run_in(&fx, &x, &batch, FloraPolicy::Auto, WeightFormat::Bf16);
+        let err = got.iter().zip(&want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale;
+        assert!(err < 2e-2, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}, bf16: max err {err} of the largest output");
     }
 }
 

@@ -15,7 +15,7 @@ use crate::layers::{causal_attention, rms_norm, Rope};
 use crate::rows;
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
-use flora_adapters::{adapted_linear, AdapterBatch, BaseWeight, ExecOptions, SlotId, WeightFormat};
+use flora_adapters::{adapted_linear, adapted_linear_rows, AdapterBatch, BaseWeight, ExecOptions, SlotId, WeightFormat};
 
 /// The seven adaptable projections of a block, in PEFT's module names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -225,6 +225,12 @@ impl Llama {
         Ok(adapted_linear(x, &self.blocks[layer].proj[p.index()], batch, la, &self.exec)?)
     }
 
+    /// [`Self::proj`] on plain rows (inference step).
+    fn proj_rows(&self, x: &[f32], layer: usize, p: Proj, batch: &AdapterBatch, adapters: Option<&ModelAdapters>) -> Result<Vec<f32>> {
+        let la = adapters.and_then(|a| a.get(layer, p));
+        Ok(adapted_linear_rows(x, &self.blocks[layer].proj[p.index()], batch, la, &self.exec)?)
+    }
+
     fn mlp(&self, x: &Tensor, layer: usize, batch: &AdapterBatch, adapters: Option<&ModelAdapters>) -> Result<Tensor> {
         let gate = self.proj(x, layer, Proj::Gate, batch, adapters)?;
         let up = self.proj(x, layer, Proj::Up, batch, adapters)?;
@@ -323,23 +329,22 @@ impl Llama {
         let n = tokens.len();
         let batch = AdapterBatch::from_runs(&runs);
         let dev = self.embed.device().clone();
-        // The residual stream `h [n, hidden]` stays a plain buffer; only projection inputs become tensors.
+        // The step works on plain row buffers: the residual stream `h [n, hidden]` and every
+        // projection's input and output.
         let mut h = self.embed.index_select(&Tensor::from_vec(tokens, n, &dev)?, 0)?.flatten_all()?.to_vec1::<f32>()?;
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
-        let tensor = |v: Vec<f32>, dim: usize| Tensor::from_vec(v, (n, dim), &dev);
-        let rows_of = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         for (li, blk) in self.blocks.iter().enumerate() {
-            let x = tensor(rows::rms_norm_rows(&h, &blk.attn_norm.to_vec1::<f32>()?, c.rms_eps), c.hidden)?;
-            let mut q = rows_of(self.proj(&x, li, Proj::Q, &batch, adapters)?)?;
-            let mut k = rows_of(self.proj(&x, li, Proj::K, &batch, adapters)?)?;
-            let v = rows_of(self.proj(&x, li, Proj::V, &batch, adapters)?)?;
+            let x = rows::rms_norm_rows(&h, &blk.attn_norm.to_vec1::<f32>()?, c.rms_eps);
+            let mut q = self.proj_rows(&x, li, Proj::Q, &batch, adapters)?;
+            let mut k = self.proj_rows(&x, li, Proj::K, &batch, adapters)?;
+            let v = self.proj_rows(&x, li, Proj::V, &batch, adapters)?;
             let a = ragged_attention(&mut q, &mut k, &v, &spans, &mut caches, li, self.heads(), &self.rope);
-            rows::add_into(&mut h, &rows_of(self.proj(&tensor(a, c.q_dim())?, li, Proj::O, &batch, adapters)?)?);
-            let x = tensor(rows::rms_norm_rows(&h, &blk.ffn_norm.to_vec1::<f32>()?, c.rms_eps), c.hidden)?;
-            let mut gate = rows_of(self.proj(&x, li, Proj::Gate, &batch, adapters)?)?;
-            let up = rows_of(self.proj(&x, li, Proj::Up, &batch, adapters)?)?;
+            rows::add_into(&mut h, &self.proj_rows(&a, li, Proj::O, &batch, adapters)?);
+            let x = rows::rms_norm_rows(&h, &blk.ffn_norm.to_vec1::<f32>()?, c.rms_eps);
+            let mut gate = self.proj_rows(&x, li, Proj::Gate, &batch, adapters)?;
+            let up = self.proj_rows(&x, li, Proj::Up, &batch, adapters)?;
             rows::silu_mul_into(&mut gate, &up, c.intermediate);
-            rows::add_into(&mut h, &rows_of(self.proj(&tensor(gate, c.intermediate)?, li, Proj::Down, &batch, adapters)?)?);
+            rows::add_into(&mut h, &self.proj_rows(&gate, li, Proj::Down, &batch, adapters)?);
         }
         for (cache, span) in caches.iter_mut().zip(&spans) {
             cache.advance(span.len);
@@ -349,7 +354,8 @@ impl Llama {
             return Ok(Tensor::zeros((0, c.vocab), DType::F32, &dev)?);
         }
         let last: Vec<f32> = logit_rows.iter().flat_map(|&r| h[r as usize * c.hidden..(r as usize + 1) * c.hidden].iter().copied()).collect();
-        let h = Tensor::from_vec(rows::rms_norm_rows(&last, &self.norm.to_vec1::<f32>()?, c.rms_eps), (n_logits, c.hidden), &dev)?;
-        Ok(adapted_linear(&h, &self.lm_head, &AdapterBatch::base_only(n_logits), None, &self.exec)?)
+        let h = rows::rms_norm_rows(&last, &self.norm.to_vec1::<f32>()?, c.rms_eps);
+        let logits = adapted_linear_rows(&h, &self.lm_head, &AdapterBatch::base_only(n_logits), None, &self.exec)?;
+        Ok(Tensor::from_vec(logits, (n_logits, c.vocab), &dev)?)
     }
 }
