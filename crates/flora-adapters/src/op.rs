@@ -153,7 +153,13 @@ pub fn adapted_linear(
     }
     let plan = plan_layer(batch, adapters, opts)?;
     let x2 = x.to_dtype(DType::F32)?.reshape((n_rows, base.d_in))?.contiguous()?;
-    let op = AdaptedLinearOp { wt: base.wt.clone(), bf16: base.bf16.clone(), plan: Arc::new(plan), name: adapters.name_arc() };
+    let op = AdaptedLinearOp {
+        wt: base.wt.clone(),
+        bf16: base.bf16.clone(),
+        params16: adapters.bf16_params().cloned(),
+        plan: Arc::new(plan),
+        name: adapters.name_arc(),
+    };
     let y = x2.apply_op2(adapters.params(), op)?;
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = base.d_out;
@@ -193,7 +199,8 @@ pub fn adapted_linear_rows(
             }
             Some(a) => {
                 let plan = plan_layer(batch, a, opts).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, &plan)))
+                let params16 = a.bf16_params().map(|p| &p[..]);
+                with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, params16, &plan)))
             }
         }
     })?)
@@ -202,6 +209,7 @@ pub fn adapted_linear_rows(
 struct AdaptedLinearOp {
     wt: Tensor,
     bf16: Option<Arc<PackedBf16>>,
+    params16: Option<Arc<[u16]>>,
     plan: Arc<LayerPlan>,
     name: Arc<str>,
 }
@@ -232,7 +240,7 @@ impl CustomOp2 for AdaptedLinearOp {
         let x = f32_slice(s1, l1, "x")?;
         let params = f32_slice(s2, l2, "adapter params")?;
         let plan = &*self.plan;
-        let y = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(cpu::forward::forward(x, BaseRef { wt, bf16: self.bf16.as_deref() }, params, plan)))?;
+        let y = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(cpu::forward::forward(x, BaseRef { wt, bf16: self.bf16.as_deref() }, params, self.params16.as_deref(), plan)))?;
         Ok((CpuStorage::F32(y), Shape::from((plan.n_rows, plan.d_out))))
     }
 

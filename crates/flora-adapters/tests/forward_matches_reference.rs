@@ -21,7 +21,7 @@ fn mixed_kinds() -> Vec<Kind> {
     kinds
 }
 
-/// The seam's output in `format`; the tensor entry point and the plain-rows one
+/// The seam's output in `format` (bf16: base weight and adapter tables); the tensor entry point and the plain-rows one
 /// (`adapted_linear_rows`, the inference step's) must agree bit for bit.
 fn run_in(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy, format: WeightFormat) -> Vec<f32> {
     let n = batch.n_rows();
@@ -29,10 +29,12 @@ fn run_in(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy, fo
     let mut base = BaseWeight::from_out_in(&fx.w0_tensor()).unwrap();
     base.set_format(format).unwrap();
     let opts = ExecOptions { flora: policy, ..Default::default() };
-    let y = adapted_linear(&xt, &base, batch, Some(&fx.layer), &opts).unwrap();
+    // bf16 inference also rounds the adapter tables and streams their bf16 copy in decode rows.
+    let layer = if format == WeightFormat::Bf16 { fx.layer.with_bf16_tables().unwrap() } else { fx.layer.clone() };
+    let y = adapted_linear(&xt, &base, batch, Some(&layer), &opts).unwrap();
     assert_eq!(y.dims(), &[n, fx.d_out]);
     let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-    let rows = adapted_linear_rows(x, &base, batch, Some(&fx.layer), &opts).unwrap();
+    let rows = adapted_linear_rows(x, &base, batch, Some(&layer), &opts).unwrap();
     assert!(rows == y, "adapted_linear_rows differs from adapted_linear ({format})");
     y
 }

@@ -1,7 +1,6 @@
 //! `flora generate`: stream a completion of a prompt to stdout, with an optional adapter.
 
 use anyhow::{bail, Result};
-use flora_model::adapters::ModelAdapters;
 use flora_model::sampling::{Sampler, SamplingParams};
 use flora_model::{Logits, SeqStep};
 use flora_tokenizer::{ChatMessage, StopFilter};
@@ -83,7 +82,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let name = dir.file_name().and_then(|s| s.to_str()).unwrap_or("adapter").to_string();
             let a = flora_model::peft::load_adapter_dir(dir, &name, model.config())?;
             crate::load::tracing_free_log(&format!("adapter {name}: {} rank {}", a.kind, a.rank));
-            Some(ModelAdapters::pack(model.config(), &[&a])?)
+            Some(model.pack_adapters(&[&a])?)
         }
         None => None,
     };

@@ -58,6 +58,22 @@ impl ModelAdapters {
         Ok(Self { tables })
     }
 
+    /// The same tables with bf16 copies for bf16 inference (`LayerAdapters::with_bf16_tables`).
+    pub fn with_bf16_tables(&self) -> Result<Self> {
+        let tables = self
+            .tables
+            .iter()
+            .map(|row| -> Result<[Option<LayerAdapters>; 7]> {
+                let mut out: [Option<LayerAdapters>; 7] = Default::default();
+                for (o, t) in out.iter_mut().zip(row) {
+                    *o = t.as_ref().map(|t| t.with_bf16_tables()).transpose()?;
+                }
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { tables })
+    }
+
     /// The table of one projection (None: no adapter of the set targets it).
     pub fn get(&self, layer: usize, p: Proj) -> Option<&LayerAdapters> {
         self.tables.get(layer).and_then(|r| r[p.index()].as_ref())

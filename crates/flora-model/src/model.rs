@@ -6,7 +6,7 @@
 //! - [`Llama::forward_train`]: full sequences `[b, t]`, differentiable (training, reference);
 //! - [`Llama::step`]: one inference step over ragged sequences with KV caches (no gradient).
 
-use crate::adapters::ModelAdapters;
+use crate::adapters::{Adapter, ModelAdapters};
 use crate::attention::{ragged_attention, Heads, Span};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -209,6 +209,17 @@ impl Llama {
 
     pub fn weight_format(&self) -> WeightFormat {
         self.lm_head.format()
+    }
+
+    /// Packs adapters for this model's inference steps: slot `i` is `adapters[i]`; with bf16
+    /// weights the adapter tables are rounded to bf16 too and carry a bf16 copy for decode.
+    /// (Training packs its variables with `ModelAdapters::pack`: f32, differentiable.)
+    pub fn pack_adapters(&self, adapters: &[&Adapter]) -> Result<ModelAdapters> {
+        let packed = ModelAdapters::pack(&self.cfg, adapters)?;
+        match self.weight_format() {
+            WeightFormat::F32 => Ok(packed),
+            WeightFormat::Bf16 => packed.with_bf16_tables(),
+        }
     }
 
     /// A fresh, empty KV cache for one sequence.

@@ -16,7 +16,7 @@
 
 use super::bf16::PackedBf16;
 use super::matmul::{matmul, MatRef};
-use super::vecops::{axpy, dot, mul_acc, mul_into, scale_by, with_scratch};
+use super::vecops::{axpy, axpy_bf16, dot, dot_bf16, mul_acc, mul_into, scale_by, with_scratch};
 use crate::batch::Segment;
 use crate::params::SlotSpec;
 use crate::plan::{LayerPlan, SegmentExec};
@@ -44,7 +44,8 @@ impl BaseRef<'_> {
 }
 
 /// `y [n, d_out]` for `x [n, d_in]`.
-pub fn forward(x: &[f32], base: BaseRef, params: &[f32], plan: &LayerPlan) -> Vec<f32> {
+/// `params16`: the same parameters as bf16, when the table was packed for bf16 inference.
+pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan) -> Vec<f32> {
     let (n, di, dout) = (plan.n_rows, plan.d_in, plan.d_out);
     let wt = base.wt;
     assert_eq!(x.len(), n * di, "forward: x has {} values, expected {n}x{di}", x.len());
@@ -69,7 +70,7 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], plan: &LayerPlan) -> Ve
     } else {
         merged.into_iter().for_each(run);
     }
-    epilogues(x, params, plan, &mut y);
+    epilogues(x, params, params16, plan, &mut y);
     y
 }
 
@@ -188,7 +189,7 @@ pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params:
 }
 
 /// Step 3: LoRA shrink/expand and IA3 output scaling, segments in parallel when worth it.
-fn epilogues(x: &[f32], params: &[f32], plan: &LayerPlan, y: &mut [f32]) {
+fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan, y: &mut [f32]) {
     let (di, dout) = (plan.d_in, plan.d_out);
     let work: usize = plan
         .segments
@@ -209,7 +210,7 @@ fn epilogues(x: &[f32], params: &[f32], plan: &LayerPlan, y: &mut [f32]) {
     let run = |(ys, seg, exec): (&mut [f32], &Segment, &SegmentExec)| {
         let xs = &x[seg.start * di..(seg.start + seg.len) * di];
         match exec {
-            SegmentExec::Lora(spec) => lora_add(ys, xs, spec, params, seg.len, di, dout),
+            SegmentExec::Lora(spec) => lora_add(ys, xs, spec, params, params16, seg.len, di, dout),
             SegmentExec::Ia3Out(spec) => {
                 let (_, l) = spec.parts(params, di, dout);
                 ys.chunks_exact_mut(dout).for_each(|yr| scale_by(yr, l));
@@ -225,10 +226,23 @@ fn epilogues(x: &[f32], params: &[f32], plan: &LayerPlan, y: &mut [f32]) {
 }
 
 /// `ys [len, d_out] += scale * (xs A^T) B^T` with A `[r, d_in]`, B^T `[r, d_out]` of the slot.
-fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], len: usize, di: usize, dout: usize) {
+#[allow(clippy::too_many_arguments)]
+fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params16: Option<&[u16]>, len: usize, di: usize, dout: usize) {
     let (a, bt) = spec.parts(params, di, dout);
     let r = spec.rank;
-    if len <= LORA_ROW_LOOP_MAX {
+    if let (Some(p16), true) = (params16, len <= LORA_ROW_LOOP_MAX) {
+        // The same values from the bf16 copy: half the bytes of the adapter's tables.
+        let (a16, bt16) = spec.parts(p16, di, dout);
+        let mut t = vec![0f32; r];
+        for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
+            for (j, tj) in t.iter_mut().enumerate() {
+                *tj = spec.scale * dot_bf16(&a16[j * di..(j + 1) * di], xr);
+            }
+            for (j, &tj) in t.iter().enumerate() {
+                axpy_bf16(yr, tj, &bt16[j * dout..(j + 1) * dout]);
+            }
+        }
+    } else if len <= LORA_ROW_LOOP_MAX {
         let mut t = vec![0f32; r];
         for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
             for (j, tj) in t.iter_mut().enumerate() {

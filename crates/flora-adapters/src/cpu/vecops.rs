@@ -57,6 +57,39 @@ pub fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
+/// [`dot`] with `a` given as bf16 bits (widened exactly to f32).
+#[inline]
+pub fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += f32::from_bits((x[l] as u32) << 16) * y[l];
+        }
+    }
+    for width in [8, 4, 2, 1] {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    let mut s = acc[0];
+    for (x, y) in ar.iter().zip(br) {
+        s += f32::from_bits((*x as u32) << 16) * y;
+    }
+    s
+}
+
+/// `y += alpha * x` with `x` given as bf16 bits.
+#[inline]
+pub fn axpy_bf16(y: &mut [f32], alpha: f32, x: &[u16]) {
+    debug_assert_eq!(y.len(), x.len());
+    for (o, &i) in y.iter_mut().zip(x) {
+        *o += alpha * f32::from_bits((i as u32) << 16);
+    }
+}
+
 /// `y += alpha * x`.
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use flora_adapters::{AdapterKind, WeightFormat};
-use flora_model::adapters::{Adapter, ModelAdapters};
+use flora_model::adapters::Adapter;
 use flora_model::{Llama, Logits, SeqStep};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,6 +22,47 @@ impl Setting {
             None => "base".into(),
             Some(k) => format!("{k}-r{}", self.rank),
         }
+    }
+}
+
+/// One setting's sequences at one batch size: adapters, caches and the next tokens.
+struct SettingRun {
+    setting: Setting,
+    packed: Option<flora_model::ModelAdapters>,
+    n_adapters: usize,
+    caches: Vec<flora_model::KvCache>,
+    /// The prompts until the prefill, then each sequence's next (greedy) token.
+    next: Vec<Vec<u32>>,
+}
+
+impl SettingRun {
+    fn new(model: &Llama, setting: Setting, batch: usize, prompt_len: usize) -> Result<Self> {
+        let adapters: Vec<Adapter> = match setting.kind {
+            None => vec![],
+            Some(k) => (0..batch.min(32))
+                .map(|i| super::random_adapter::random_adapter(model.config(), &flora_model::Proj::ALL, k, setting.rank, 100 + i as u64))
+                .collect::<Result<_>>()?,
+        };
+        let packed = if adapters.is_empty() { None } else { Some(model.pack_adapters(&adapters.iter().collect::<Vec<_>>())?) };
+        let vocab = model.config().vocab as u32;
+        let prompts = (0..batch).map(|i| (0..prompt_len).map(|t| ((i * 7919 + t * 104729) as u32) % vocab).collect()).collect();
+        Ok(Self { setting, packed, n_adapters: adapters.len(), caches: (0..batch).map(|_| model.new_cache()).collect(), next: prompts })
+    }
+
+    /// One step over all sequences (`next[i]` for sequence i: the whole prompt in the first
+    /// step, the prefill; one token after), keeping the greedy next tokens.
+    fn step(&mut self, model: &Llama) -> Result<()> {
+        let n_adapters = self.n_adapters;
+        let mut steps: Vec<SeqStep> = self
+            .caches
+            .iter_mut()
+            .zip(&self.next)
+            .enumerate()
+            .map(|(i, (c, t))| SeqStep { tokens: t, cache: c, slot: (n_adapters > 0).then(|| (i % n_adapters) as u32), logits: Logits::Last })
+            .collect();
+        let logits = model.step(&mut steps, self.packed.as_ref())?;
+        self.next = logits.to_vec2::<f32>()?.iter().map(|r| vec![flora_model::sampling::argmax(r)]).collect();
+        Ok(())
     }
 }
 
@@ -70,7 +111,9 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
     let path = flora_model::default_model::resolve_model(model_path)?;
     let mut model = Llama::from_checkpoint(flora_model::weights::load(&path)?)?;
     let rss_loaded = peak_rss_mib();
-    let bandwidth = read_bandwidth_gb_s();
+    // Bandwidth is read before and after the sweep and the higher reading is the limit (the
+    // machine is shared: a low reading would flatter the batch-1 ratio).
+    let bandwidth_before = read_bandwidth_gb_s();
     let settings: Vec<Setting> = if quick {
         vec![Setting { kind: None, rank: 0 }, Setting { kind: Some(AdapterKind::Lora), rank: 8 }, Setting { kind: Some(AdapterKind::Flora), rank: 1 }]
     } else {
@@ -82,65 +125,47 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             Setting { kind: Some(AdapterKind::Flora), rank: 4 },
         ]
     };
-    let vocab = model.config().vocab as u32;
     let mut rows = Vec::new();
     let progress = indicatif::ProgressBar::new((formats.len() * batches.len() * settings.len()) as u64)
         .with_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}").expect("template"));
-    let mut runs: Vec<(WeightFormat, usize, Setting)> = Vec::new();
-    for &f in formats {
+    for &format in formats {
+        model.set_weight_format(format)?;
         for &b in batches {
-            runs.extend(settings.iter().map(|&s| (f, b, s)));
+            // Every setting's sequences are prefilled (each prefill timed alone), then decoded
+            // in rounds that step each setting once, so drift on the shared machine reaches
+            // the base and the adapter settings alike and the ratios compare like with like.
+            let mut runs = Vec::with_capacity(settings.len());
+            for &s in &settings {
+                progress.set_message(format!("{format}, batch {b}, {}: prefill", s.label()));
+                let mut run = SettingRun::new(&model, s, b, prompt_len)?;
+                let t = Instant::now();
+                run.step(&model)?;
+                runs.push((run, t.elapsed().as_secs_f64(), Vec::with_capacity(decode_steps)));
+            }
+            progress.set_message(format!("{format}, batch {b}: decode"));
+            for _ in 0..decode_steps {
+                for (run, _, step_s) in runs.iter_mut() {
+                    let t = Instant::now();
+                    run.step(&model)?;
+                    step_s.push(t.elapsed().as_secs_f64());
+                }
+            }
+            for (run, prefill_s, mut step_s) in runs {
+                step_s.sort_by(f64::total_cmp);
+                rows.push(Measured {
+                    format,
+                    batch: b,
+                    setting: run.setting.label(),
+                    prefill_tok_s: (b * prompt_len) as f64 / prefill_s,
+                    decode_tok_s: b as f64 / step_s[step_s.len() / 2],
+                });
+                progress.inc(1);
+            }
         }
-    }
-    for (format, b, s) in runs {
-        if model.weight_format() != format {
-            model.set_weight_format(format)?;
-        }
-        progress.set_message(format!("{format}, batch {b}, {}", s.label()));
-        let adapters: Vec<Adapter> = match s.kind {
-            None => vec![],
-            Some(k) => (0..b.min(32)).map(|i| super::random_adapter::random_adapter(model.config(), &flora_model::Proj::ALL, k, s.rank, 100 + i as u64)).collect::<Result<_>>()?,
-        };
-        let packed = if adapters.is_empty() { None } else { Some(ModelAdapters::pack(model.config(), &adapters.iter().collect::<Vec<_>>())?) };
-        let prompts: Vec<Vec<u32>> = (0..b).map(|i| (0..prompt_len).map(|t| ((i * 7919 + t * 104729) as u32) % vocab).collect()).collect();
-        let slot = |i: usize| if adapters.is_empty() { None } else { Some((i % adapters.len()) as u32) };
-        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
-        // One step over all sequences (tokens[i] for sequence i); the greedy next tokens.
-        let mut step_all = |tokens: &[&[u32]]| -> Result<Vec<u32>> {
-            let mut steps: Vec<SeqStep> = caches
-                .iter_mut()
-                .enumerate()
-                .map(|(i, c)| SeqStep { tokens: tokens[i], cache: c, slot: slot(i), logits: Logits::Last })
-                .collect();
-            let logits = model.step(&mut steps, packed.as_ref())?;
-            Ok(logits.to_vec2::<f32>()?.iter().map(|r| flora_model::sampling::argmax(r)).collect())
-        };
-        // Prefill: every sequence's prompt in one step.
-        let t = Instant::now();
-        let mut next = step_all(&prompts.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
-        let prefill_s = t.elapsed().as_secs_f64();
-        // Decode: one token per sequence per step, each step timed; the median step is the
-        // figure (the machine is shared: a mean takes in every neighbour's burst).
-        let mut step_s = Vec::with_capacity(decode_steps);
-        for _ in 0..decode_steps {
-            let toks: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
-            let t = Instant::now();
-            next = step_all(&toks.iter().map(|t| t.as_slice()).collect::<Vec<_>>())?;
-            step_s.push(t.elapsed().as_secs_f64());
-        }
-        step_s.sort_by(f64::total_cmp);
-        let decode_s = step_s[step_s.len() / 2] * decode_steps as f64;
-        rows.push(Measured {
-            format,
-            batch: b,
-            setting: s.label(),
-            prefill_tok_s: (b * prompt_len) as f64 / prefill_s,
-            decode_tok_s: (b * decode_steps) as f64 / decode_s,
-        });
-        progress.inc(1);
     }
     progress.finish_and_clear();
     let peak = peak_rss_mib();
+    let bandwidth = bandwidth_before.max(read_bandwidth_gb_s());
     let md = report(&rows, &ReportContext { path: &path, quick, prompt_len, decode_steps, bandwidth, cfg: model.config(), peak, rss_loaded });
     let mut csv = String::from("format,batch,setting,prefill_tok_s,decode_tok_s,decode_ratio_to_base\n");
     for r in &rows {
@@ -184,14 +209,14 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
     );
     let _ = writeln!(
         md,
-        "Model: {}. Machine: {}. Weights dequantized at load, prompt {} tokens (every sequence's prompt in one step), {} decode steps. Main-memory read bandwidth measured in this run: {:.1} GB/s.",
+        "Model: {}. Machine: {}. Weights dequantized at load, prompt {} tokens (every sequence's prompt in one step), {} decode steps. Main-memory read bandwidth (2 threads summing 512 MiB; the higher of a reading before and one after the sweep): {:.1} GB/s.",
         cx.path.display(),
         super::machine_description(),
         cx.prompt_len,
         cx.decode_steps,
         cx.bandwidth
     );
-    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
+    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each, so machine drift reaches all alike. Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
     let formats: Vec<WeightFormat> = rows.iter().fold(Vec::new(), |mut v, r| {
         if !v.contains(&r.format) {
             v.push(r.format);

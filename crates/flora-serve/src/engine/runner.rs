@@ -187,7 +187,7 @@ impl Runner {
             debug_assert!(item.slot.is_none() || self.slots.key(item.slot.unwrap()) == a.req.adapter.as_ref().map(|x| x.key));
             batch.push((item, a));
         }
-        let result = match self.slots.tables(self.model.config()) {
+        let result = match self.slots.tables(&self.model) {
             Ok(tables) => {
                 let mut steps: Vec<SeqStep> = batch
                     .iter_mut()

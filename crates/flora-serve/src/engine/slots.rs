@@ -8,7 +8,7 @@
 
 use crate::pool::LoadedAdapter;
 use crate::scheduler::AdapterKey;
-use flora_model::{Adapter, LlamaConfig, ModelAdapters};
+use flora_model::{Adapter, Llama, ModelAdapters};
 use std::sync::{Arc, Weak};
 
 pub struct Slots {
@@ -39,7 +39,7 @@ impl Slots {
     }
 
     /// The tables for the current slots (rebuilt if a slot changed). None when no slot is used.
-    pub fn tables(&mut self, cfg: &LlamaConfig) -> flora_model::Result<Option<&ModelAdapters>> {
+    pub fn tables(&mut self, model: &Llama) -> flora_model::Result<Option<&ModelAdapters>> {
         if self.dirty {
             let live: Vec<Option<Arc<LoadedAdapter>>> = self.slots.iter().map(|s| s.as_ref().and_then(Weak::upgrade)).collect();
             let used = live.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
@@ -47,7 +47,7 @@ impl Slots {
                 None
             } else {
                 let refs: Vec<&Adapter> = live[..used].iter().map(|a| a.as_ref().map_or(&self.empty, |a| &a.adapter)).collect();
-                Some(ModelAdapters::pack(cfg, &refs)?)
+                Some(model.pack_adapters(&refs)?)
             };
             self.dirty = false;
             self.repacks += 1;

@@ -86,8 +86,12 @@ impl Row {
 }
 
 fn header(args: &ServeBenchArgs) -> String {
+    let weights = match (&args.url, args.weights) {
+        (Some(_), _) => "the target server's".to_string(),
+        (None, w) => w.unwrap_or_else(flora_adapters::WeightFormat::fastest_here).to_string(),
+    };
     format!(
-        "Machine: {}. Prompt {} tokens, output {} tokens (end-of-sequence ignored), greedy. Adapters on: {}.\n",
+        "Machine: {}. Base weights: {weights}. Prompt {} tokens, output {} tokens (end-of-sequence ignored), greedy. Adapters on: {}.\n",
         crate::bench::machine_description(),
         args.prompt_len,
         args.output_len,
