@@ -82,20 +82,32 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Main-memory read bandwidth with the rayon pool (GB/s): the best of 5 passes summing a
-/// 512 MiB buffer, far larger than any cache.
+/// Main-memory read bandwidth with the rayon pool (GB/s): the best of 5 passes in which each
+/// thread sums one contiguous share of a 512 MiB buffer (far larger than any cache) in 8
+/// independent lanes. Agrees with a C/OpenMP AVX-512 reader on the development machine
+/// (45 vs 47-49 GB/s); smaller work-stolen chunks read 30% lower.
 pub fn read_bandwidth_gb_s() -> f64 {
     use rayon::prelude::*;
-    let words = vec![1u64; 64 << 20];
+    let words: Vec<u64> = std::hint::black_box((0..64u64 << 20).collect());
+    let share = words.len().div_ceil(rayon::current_num_threads());
     let mut best = f64::INFINITY;
-    let mut sink = 0u64;
     for _ in 0..5 {
         let t = Instant::now();
-        let sum = words.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).reduce(|| 0, u64::wrapping_add);
+        let sum = words
+            .par_chunks(share)
+            .map(|c| {
+                let mut acc = [0u64; 8];
+                for x in c.chunks_exact(8) {
+                    for l in 0..8 {
+                        acc[l] = acc[l].wrapping_add(x[l]);
+                    }
+                }
+                acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+            })
+            .reduce(|| 0, u64::wrapping_add);
         best = best.min(t.elapsed().as_secs_f64());
-        sink = sink.wrapping_add(sum);
+        std::hint::black_box(sum);
     }
-    std::hint::black_box(sink);
     (words.len() * 8) as f64 / best / 1e9
 }
 
