@@ -323,6 +323,7 @@ pub fn gemm_slow(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MR, NR};
+    use crate::cpu::skinny::x86::lane_mask;
     use std::arch::x86_64::*;
 
     /// Rounds `x[..32*chunks]` into `out[..16*chunks]` (pairs in order); returns floats done.
@@ -337,15 +338,6 @@ mod x86 {
             _mm512_storeu_si512(out.as_mut_ptr().add(16 * ch) as *mut _, packed);
         }
         chunks * 32
-    }
-
-    fn lane_mask(nr: usize, start: usize) -> __mmask16 {
-        let valid = nr.saturating_sub(start).min(16);
-        if valid == 16 {
-            0xFFFF
-        } else {
-            ((1u32 << valid) - 1) as __mmask16
-        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -87,7 +87,7 @@ pub fn matmul_rows(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{KC, MR, NR};
     use std::arch::x86_64::*;
 
@@ -143,7 +143,7 @@ mod x86 {
     }
 
     /// Mask of the valid lanes of the 16-lane vector starting at column `start` of an `nr`-wide block.
-    fn lane_mask(nr: usize, start: usize) -> __mmask16 {
+    pub(crate) fn lane_mask(nr: usize, start: usize) -> __mmask16 {
         let valid = nr.saturating_sub(start).min(16);
         if valid == 16 {
             0xFFFF

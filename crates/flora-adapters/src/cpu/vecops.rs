@@ -5,13 +5,24 @@ use std::cell::RefCell;
 /// `sum_i a[i] * b[i]` with 16 independent accumulators (vectorizes; f32 sums are not reassociated otherwise).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_widened(a, b, |x| x)
+}
+
+/// [`dot`] with `a` given as bf16 bits (widened exactly to f32).
+#[inline]
+pub fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
+    dot_widened(a, b, |x| f32::from_bits((x as u32) << 16))
+}
+
+#[inline(always)]
+fn dot_widened<T: Copy>(a: &[T], b: &[f32], widen: impl Fn(T) -> f32) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ar, br) = (ac.remainder(), bc.remainder());
     for (x, y) in ac.zip(bc) {
         for l in 0..16 {
-            acc[l] += x[l] * y[l];
+            acc[l] += widen(x[l]) * y[l];
         }
     }
     // Pairwise (tree) reduction: vector adds, not a chain of 15 dependent scalar adds.
@@ -22,7 +33,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let mut s = acc[0];
     for (x, y) in ar.iter().zip(br) {
-        s += x * y;
+        s += widen(*x) * y;
     }
     s
 }
@@ -55,30 +66,6 @@ pub fn exp_in_place(xs: &mut [f32]) {
         let scale = f32::from_bits(ni.wrapping_add(127) << 23);
         *x = if *x < -87.0 { 0.0 } else { e * scale };
     }
-}
-
-/// [`dot`] with `a` given as bf16 bits (widened exactly to f32).
-#[inline]
-pub fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] += f32::from_bits((x[l] as u32) << 16) * y[l];
-        }
-    }
-    for width in [8, 4, 2, 1] {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    let mut s = acc[0];
-    for (x, y) in ar.iter().zip(br) {
-        s += f32::from_bits((*x as u32) << 16) * y;
-    }
-    s
 }
 
 /// `y += alpha * x` with `x` given as bf16 bits.
