@@ -206,15 +206,26 @@ impl LayerAdapters {
         &self.params
     }
 
-    /// For bf16 inference: the parameters rounded to bf16, kept both as f32 values (every
-    /// kernel path computes with the same numbers) and as a bf16 copy that the per-row LoRA
-    /// loops of decode steps stream (half the bytes: at 32 distinct adapters a step reads each
-    /// one's tables once, more bytes than the shared base weights).
+    /// For bf16 inference: the parameters rounded to bf16, kept both as f32 values and as a
+    /// bf16 copy (same layout) that the per-row LoRA loops of decode steps stream: half the
+    /// bytes, and at 32 distinct adapters a decode step reads more adapter bytes than base
+    /// weights. Every path computes with the same values, so a row's result does not depend on
+    /// how its sequence was batched or chunked (up to f32 summation order).
     pub fn with_bf16_tables(&self) -> Result<Self> {
-        let values: Vec<f32> = self.params.flatten_all()?.to_vec1()?;
-        let halves: Vec<u16> = values.iter().map(|&v| crate::cpu::bf16::f32_to_bf16(v)).collect();
-        let rounded: Vec<f32> = halves.iter().map(|&h| crate::cpu::bf16::bf16_to_f32(h)).collect();
-        let params = Tensor::from_vec(rounded, values.len(), self.params.device())?;
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 15;
+        let (halves, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
+            let mut halves = vec![0u16; values.len()];
+            let mut rounded = vec![0f32; values.len()];
+            halves.par_chunks_mut(CHUNK).zip(rounded.par_chunks_mut(CHUNK)).zip(values.par_chunks(CHUNK)).for_each(|((h, r), v)| {
+                crate::cpu::bf16::round_slice(h, v);
+                for (r, &h) in r.iter_mut().zip(h.iter()) {
+                    *r = crate::cpu::bf16::bf16_to_f32(h);
+                }
+            });
+            Ok((halves, rounded))
+        })?;
+        let params = Tensor::from_vec(rounded, self.params.elem_count(), self.params.device())?;
         Ok(Self { params, bf16: Some(halves.into()), ..self.clone() })
     }
 

@@ -29,7 +29,7 @@ fn run_in(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy, fo
     let mut base = BaseWeight::from_out_in(&fx.w0_tensor()).unwrap();
     base.set_format(format).unwrap();
     let opts = ExecOptions { flora: policy, ..Default::default() };
-    // bf16 inference also rounds the adapter tables and streams their bf16 copy in decode rows.
+    // bf16 inference also gives the adapter tables a bf16 copy that decode rows stream.
     let layer = if format == WeightFormat::Bf16 { fx.layer.with_bf16_tables().unwrap() } else { fx.layer.clone() };
     let y = adapted_linear(&xt, &base, batch, Some(&layer), &opts).unwrap();
     assert_eq!(y.dims(), &[n, fx.d_out]);

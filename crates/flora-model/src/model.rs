@@ -212,7 +212,7 @@ impl Llama {
     }
 
     /// Packs adapters for this model's inference steps: slot `i` is `adapters[i]`; with bf16
-    /// weights the adapter tables are rounded to bf16 too and carry a bf16 copy for decode.
+    /// weights the tables are rounded to bf16 and carry a bf16 copy that decode rows stream.
     /// (Training packs its variables with `ModelAdapters::pack`: f32, differentiable.)
     pub fn pack_adapters(&self, adapters: &[&Adapter]) -> Result<ModelAdapters> {
         let packed = ModelAdapters::pack(&self.cfg, adapters)?;

@@ -180,7 +180,7 @@ fn bf16_weights_are_batch_invariant_and_close_to_f32() {
         .set_weight_format(flora_adapters::WeightFormat::Bf16)
         .unwrap();
     assert_eq!(model.weight_format(), flora_adapters::WeightFormat::Bf16);
-    // Packed for bf16 inference: adapter tables rounded to bf16, decode rows on the bf16 copy.
+    // Packed for bf16 inference: decode rows read the adapter tables' bf16 copy.
     let packed16 = model
         .pack_adapters(&adapters.iter().collect::<Vec<_>>())
         .unwrap();
