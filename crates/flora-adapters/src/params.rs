@@ -254,10 +254,18 @@ fn check_2d(t: &Tensor, what: &str, rows: Option<usize>, cols: Option<usize>) ->
     Ok(dims[0])
 }
 
+/// Scans a contiguous f32 CPU tensor in place (no copy: packing runs on every slot change of
+/// the serving engine); other tensors are copied out first.
 fn check_finite(t: &Tensor) -> std::result::Result<(), String> {
-    let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
-    match v.iter().position(|x| !x.is_finite()) {
+    let scan = |v: &[f32]| match v.iter().position(|x| !x.is_finite()) {
         None => Ok(()),
         Some(i) => Err(format!("holds a non-finite value ({}) at element {i}", v[i])),
+    };
+    if t.is_contiguous() && t.device().is_cpu() {
+        if let Ok(result) = crate::op::with_cpu_tensor(t, "adapter weights", |v| Ok(scan(v))) {
+            return result;
+        }
     }
+    let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
+    scan(&v)
 }
