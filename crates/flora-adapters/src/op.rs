@@ -103,11 +103,6 @@ impl BaseWeight {
         }
     }
 
-    /// Bytes of weight data held (f32 copy plus the bf16 copy, if any).
-    pub fn bytes(&self) -> usize {
-        4 * self.d_in * self.d_out + self.bf16.as_ref().map_or(0, |p| p.bytes())
-    }
-
     pub fn d_in(&self) -> usize {
         self.d_in
     }
@@ -141,16 +136,7 @@ pub fn adapted_linear(
         }
     };
     let dims = x.dims().to_vec();
-    if dims.last() != Some(&base.d_in) || adapters.d_in() != base.d_in || adapters.d_out() != base.d_out {
-        return Err(AdapterError::BadInput { layer: adapters.name().to_string(), got: dims, d_in: base.d_in });
-    }
-    let n_rows = x.elem_count() / base.d_in;
-    if batch.n_rows() != n_rows {
-        return Err(AdapterError::BadBatch {
-            layer: adapters.name().to_string(),
-            msg: format!("the batch describes {} rows, the input has {n_rows}", batch.n_rows()),
-        });
-    }
+    let n_rows = check_input(adapters.name(), &dims, dims.last() == Some(&base.d_in), x.elem_count(), base, Some(adapters), batch)?;
     let plan = plan_layer(batch, adapters, opts)?;
     let x2 = x.to_dtype(DType::F32)?.reshape((n_rows, base.d_in))?.contiguous()?;
     let op = AdaptedLinearOp {
@@ -178,16 +164,7 @@ pub fn adapted_linear_rows(
     opts: &ExecOptions,
 ) -> Result<Vec<f32>> {
     let name = adapters.map_or("base", |a| a.name());
-    if x.len() % base.d_in != 0 || adapters.is_some_and(|a| a.d_in() != base.d_in || a.d_out() != base.d_out) {
-        return Err(AdapterError::BadInput { layer: name.to_string(), got: vec![x.len()], d_in: base.d_in });
-    }
-    let n_rows = x.len() / base.d_in;
-    if batch.n_rows() != n_rows {
-        return Err(AdapterError::BadBatch {
-            layer: name.to_string(),
-            msg: format!("the batch describes {} rows, the input has {n_rows}", batch.n_rows()),
-        });
-    }
+    let n_rows = check_input(name, &[x.len()], x.len() % base.d_in == 0, x.len(), base, adapters, batch)?;
     let bf16 = base.bf16.as_deref();
     Ok(with_cpu_tensor(&base.wt, "base weight", |wt| {
         let base_ref = BaseRef { wt, bf16 };
@@ -204,6 +181,30 @@ pub fn adapted_linear_rows(
             }
         }
     })?)
+}
+
+/// Both entry points' input checks: `x` (shape `dims`, `elems` values, `fits`: its rows are
+/// `d_in` wide) against the base weight, the adapter table and the batch. Returns the rows.
+fn check_input(
+    layer: &str,
+    dims: &[usize],
+    fits: bool,
+    elems: usize,
+    base: &BaseWeight,
+    adapters: Option<&LayerAdapters>,
+    batch: &AdapterBatch,
+) -> Result<usize> {
+    if !fits || adapters.is_some_and(|a| a.d_in() != base.d_in || a.d_out() != base.d_out) {
+        return Err(AdapterError::BadInput { layer: layer.to_string(), got: dims.to_vec(), d_in: base.d_in });
+    }
+    let n_rows = elems / base.d_in;
+    if batch.n_rows() != n_rows {
+        return Err(AdapterError::BadBatch {
+            layer: layer.to_string(),
+            msg: format!("the batch describes {} rows, the input has {n_rows}", batch.n_rows()),
+        });
+    }
+    Ok(n_rows)
 }
 
 struct AdaptedLinearOp {

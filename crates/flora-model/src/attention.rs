@@ -95,8 +95,7 @@ fn attend_row(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape)
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{attend_row_body, RowShape};
-    use flora_adapters::cpu::vecops::exp_in_place;
+    use super::{attend_row_body, softmax_weights, RowShape};
     use std::arch::x86_64::*;
 
     /// The portable body compiled with AVX-512 enabled.
@@ -105,7 +104,7 @@ mod x86 {
         attend_row_body(o, q, kc, vc, shape)
     }
 
-/// Rows ahead to prefetch: a batch's caches are far larger than L2.
+    /// Rows ahead to prefetch: a batch's caches are far larger than L2.
     const AHEAD: usize = 4;
 
     /// Prefetches the `len` floats at `p` (one cache row) into L1.
@@ -148,13 +147,9 @@ mod x86 {
             }
         }
         let mut inv_total = vec![0f32; n_heads];
-        for (h, ph) in p.chunks_exact_mut(positions).enumerate() {
-            let max = ph.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            for s in ph.iter_mut() {
-                *s -= max;
-            }
-            exp_in_place(ph);
-            inv_total[h] = 1.0 / ph.iter().sum::<f32>();
+        // A plain loop, not a closure: keeps the vectorized exp inlined into this AVX-512 function.
+        for (t, ph) in inv_total.iter_mut().zip(p.chunks_exact_mut(positions)) {
+            *t = softmax_weights(ph);
         }
         let o = &mut o[..n_heads * HD];
         o.fill(0.0);
@@ -180,6 +175,17 @@ mod x86 {
     }
 }
 
+/// Scores to unnormalized softmax weights `e^(s - max)`, in place; returns `1 / sum`.
+#[inline(always)]
+fn softmax_weights(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for s in scores.iter_mut() {
+        *s -= max;
+    }
+    exp_in_place(scores);
+    1.0 / scores.iter().sum::<f32>()
+}
+
 #[inline(always)]
 fn attend_row_body(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
     let RowShape { n_heads, rep, hd, kd, scale } = shape;
@@ -191,12 +197,7 @@ fn attend_row_body(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowS
         for (s, kj) in p.iter_mut().zip(kc.chunks_exact(kd)) {
             *s = dot(qh, &kj[kvh * hd..(kvh + 1) * hd]) * scale;
         }
-        let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        for s in p.iter_mut() {
-            *s -= max;
-        }
-        exp_in_place(&mut p);
-        let inv_total = 1.0 / p.iter().sum::<f32>();
+        let inv_total = softmax_weights(&mut p);
         weighted_rows(&mut o[h * hd..(h + 1) * hd], &p, &vc[kvh * hd..], kd, inv_total);
     }
 }

@@ -78,9 +78,23 @@ impl Proj {
     }
 }
 
+/// An RMSNorm weight `[hidden]`: the tensor (differentiable forward) and its values (the
+/// inference step's fused rows, read without a tensor copy per layer and step).
+struct Norm {
+    w: Tensor,
+    values: Vec<f32>,
+}
+
+impl Norm {
+    fn new(w: Tensor) -> Result<Self> {
+        let values = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(Self { w, values })
+    }
+}
+
 struct Block {
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
+    attn_norm: Norm,
+    ffn_norm: Norm,
     proj: [BaseWeight; 7],
 }
 
@@ -88,7 +102,7 @@ pub struct Llama {
     cfg: LlamaConfig,
     embed: Tensor,
     blocks: Vec<Block>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: BaseWeight,
     rope: Rope,
     exec: ExecOptions,
@@ -136,7 +150,7 @@ impl Llama {
         let mut take = |name: &str| tensors.remove(name).ok_or_else(|| ModelError::BadModel(format!("missing tensor {name}")));
         let embed = take("model.embed_tokens.weight")?;
         let lm_head = if cfg.tie_embeddings { BaseWeight::from_out_in(&embed)? } else { BaseWeight::from_out_in(&take("lm_head.weight")?)? };
-        let norm = take("model.norm.weight")?;
+        let norm = Norm::new(take("model.norm.weight")?)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
@@ -145,8 +159,8 @@ impl Llama {
                 proj.push(BaseWeight::from_out_in(&take(&format!("{p}.{}.weight", pr.path()))?)?);
             }
             blocks.push(Block {
-                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                attn_norm: Norm::new(take(&format!("{p}.input_layernorm.weight"))?)?,
+                ffn_norm: Norm::new(take(&format!("{p}.post_attention_layernorm.weight"))?)?,
                 proj: proj.try_into().map_err(|_| ModelError::BadModel("projections".into()))?,
             });
         }
@@ -273,17 +287,17 @@ impl Llama {
         let ids = Tensor::from_vec(flat, b * t, self.embed.device())?;
         let mut h = self.embed.index_select(&ids, 0)?; // [b*t, hidden]
         for (li, blk) in self.blocks.iter().enumerate() {
-            let x = rms_norm(&h, &blk.attn_norm, c.rms_eps)?;
+            let x = rms_norm(&h, &blk.attn_norm.w, c.rms_eps)?;
             let q = self.proj(&x, li, Proj::Q, &batch, adapters)?.reshape((b, t, c.n_heads, c.head_dim))?;
             let k = self.proj(&x, li, Proj::K, &batch, adapters)?.reshape((b, t, c.n_kv_heads, c.head_dim))?;
             let v = self.proj(&x, li, Proj::V, &batch, adapters)?.reshape((b, t, c.n_kv_heads, c.head_dim))?;
             let (q, k) = (self.rope.apply(&q)?, self.rope.apply(&k)?);
             let a = causal_attention(&q, &k, &v)?.reshape((b * t, c.q_dim()))?;
             h = (h + self.proj(&a, li, Proj::O, &batch, adapters)?)?;
-            let x = rms_norm(&h, &blk.ffn_norm, c.rms_eps)?;
+            let x = rms_norm(&h, &blk.ffn_norm.w, c.rms_eps)?;
             h = (&h + self.mlp(&x, li, &batch, adapters)?)?;
         }
-        let h = rms_norm(&h, &self.norm, c.rms_eps)?;
+        let h = rms_norm(&h, &self.norm.w, c.rms_eps)?;
         let logits = adapted_linear(&h, &self.lm_head, &AdapterBatch::base_only(b * t), None, &self.exec)?;
         Ok(logits.reshape((b, t, c.vocab))?)
     }
@@ -345,13 +359,13 @@ impl Llama {
         let mut h = self.embed.index_select(&Tensor::from_vec(tokens, n, &dev)?, 0)?.flatten_all()?.to_vec1::<f32>()?;
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
         for (li, blk) in self.blocks.iter().enumerate() {
-            let x = rows::rms_norm_rows(&h, &blk.attn_norm.to_vec1::<f32>()?, c.rms_eps);
+            let x = rows::rms_norm_rows(&h, &blk.attn_norm.values, c.rms_eps);
             let mut q = self.proj_rows(&x, li, Proj::Q, &batch, adapters)?;
             let mut k = self.proj_rows(&x, li, Proj::K, &batch, adapters)?;
             let v = self.proj_rows(&x, li, Proj::V, &batch, adapters)?;
             let a = ragged_attention(&mut q, &mut k, &v, &spans, &mut caches, li, self.heads(), &self.rope);
             rows::add_into(&mut h, &self.proj_rows(&a, li, Proj::O, &batch, adapters)?);
-            let x = rows::rms_norm_rows(&h, &blk.ffn_norm.to_vec1::<f32>()?, c.rms_eps);
+            let x = rows::rms_norm_rows(&h, &blk.ffn_norm.values, c.rms_eps);
             let mut gate = self.proj_rows(&x, li, Proj::Gate, &batch, adapters)?;
             let up = self.proj_rows(&x, li, Proj::Up, &batch, adapters)?;
             rows::silu_mul_into(&mut gate, &up, c.intermediate);
@@ -365,7 +379,7 @@ impl Llama {
             return Ok(Tensor::zeros((0, c.vocab), DType::F32, &dev)?);
         }
         let last: Vec<f32> = logit_rows.iter().flat_map(|&r| h[r as usize * c.hidden..(r as usize + 1) * c.hidden].iter().copied()).collect();
-        let h = rows::rms_norm_rows(&last, &self.norm.to_vec1::<f32>()?, c.rms_eps);
+        let h = rows::rms_norm_rows(&last, &self.norm.values, c.rms_eps);
         let logits = adapted_linear_rows(&h, &self.lm_head, &AdapterBatch::base_only(n_logits), None, &self.exec)?;
         Ok(Tensor::from_vec(logits, (n_logits, c.vocab), &dev)?)
     }

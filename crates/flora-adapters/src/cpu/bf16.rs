@@ -242,6 +242,8 @@ unsafe fn run_panels(
     p1: usize,
 ) {
     let kp = w.kp;
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let native = has_native_bf16();
     for i0 in (0..m).step_by(MC) {
         let i1 = (i0 + MC).min(m);
         for p in p0..p1 {
@@ -255,41 +257,17 @@ unsafe fn run_panels(
                     let a = &a16[ib * kp + q0..];
                     let b = &panel[q0 * NR..(q0 + kc) * NR];
                     let cb = c.add(ib * ldc + j0);
-                    block(rows, kc, a, kp, b, cb, ldc, nr, q0 > 0);
+                    // `C[rows, nr] (+)= A[rows, kc pairs] · B[kc pairs, NR]`, adding from the second k-block.
+                    #[cfg(target_arch = "x86_64")]
+                    if native {
+                        x86::block(rows, kc, a.as_ptr(), kp, b.as_ptr(), cb, ldc, nr, q0 > 0);
+                        continue;
+                    }
+                    portable_block(rows, kc, a, kp, b, cb, ldc, nr, q0 > 0);
                 }
             }
         }
     }
-}
-
-/// `C[rows, nr] (+)= A[rows, kc pairs] · B[kc pairs, NR]`; `accumulate` adds to C, else overwrites.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    rows: usize,
-    kc: usize,
-    a: &[u32],
-    lda: usize,
-    b: &[u32],
-    c: *mut f32,
-    ldc: usize,
-    nr: usize,
-    accumulate: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_native_bf16() {
-        return x86::block(
-            rows,
-            kc,
-            a.as_ptr(),
-            lda,
-            b.as_ptr(),
-            c,
-            ldc,
-            nr,
-            accumulate,
-        );
-    }
-    portable_block(rows, kc, a, lda, b, c, ldc, nr, accumulate)
 }
 
 /// The same block, one lane at a time (CPUs without AVX512-BF16).

@@ -230,32 +230,44 @@ fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPl
 fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params16: Option<&[u16]>, len: usize, di: usize, dout: usize) {
     let (a, bt) = spec.parts(params, di, dout);
     let r = spec.rank;
-    if let (Some(p16), true) = (params16, len <= LORA_ROW_LOOP_MAX) {
-        // The same values from the bf16 copy: half the bytes of the adapter's tables.
-        let (a16, bt16) = spec.parts(p16, di, dout);
-        let mut t = vec![0f32; r];
-        for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
-            for (j, tj) in t.iter_mut().enumerate() {
-                *tj = spec.scale * dot_bf16(&a16[j * di..(j + 1) * di], xr);
+    if len <= LORA_ROW_LOOP_MAX {
+        match params16 {
+            // The same values from the bf16 copy: half the bytes of the adapter's tables.
+            Some(p16) => {
+                let (a16, bt16) = spec.parts(p16, di, dout);
+                lora_rows(ys, xs, a16, bt16, spec, di, dout, dot_bf16, axpy_bf16)
             }
-            for (j, &tj) in t.iter().enumerate() {
-                axpy_bf16(yr, tj, &bt16[j * dout..(j + 1) * dout]);
-            }
-        }
-    } else if len <= LORA_ROW_LOOP_MAX {
-        let mut t = vec![0f32; r];
-        for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
-            for (j, tj) in t.iter_mut().enumerate() {
-                *tj = spec.scale * dot(&a[j * di..(j + 1) * di], xr);
-            }
-            for (j, &tj) in t.iter().enumerate() {
-                axpy(yr, tj, &bt[j * dout..(j + 1) * dout]);
-            }
+            None => lora_rows(ys, xs, a, bt, spec, di, dout, dot, axpy),
         }
     } else {
         let mut t = vec![0f32; len * r];
         matmul(&mut t, r, MatRef::row_major(xs, len, di), MatRef::row_major(a, r, di).t(), spec.scale, 0.0);
         matmul(ys, dout, MatRef::row_major(&t, len, r), MatRef::row_major(bt, r, dout), 1.0, 1.0);
+    }
+}
+
+/// Short segments of [`lora_add`]: per row, `t = scale * A x` by dots, then `y += B^T t` by
+/// axpys, over tables of f32 or bf16 values.
+#[allow(clippy::too_many_arguments)]
+fn lora_rows<T>(
+    ys: &mut [f32],
+    xs: &[f32],
+    a: &[T],
+    bt: &[T],
+    spec: &SlotSpec,
+    di: usize,
+    dout: usize,
+    dot: impl Fn(&[T], &[f32]) -> f32,
+    axpy: impl Fn(&mut [f32], f32, &[T]),
+) {
+    let mut t = vec![0f32; spec.rank];
+    for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
+        for (j, tj) in t.iter_mut().enumerate() {
+            *tj = spec.scale * dot(&a[j * di..(j + 1) * di], xr);
+        }
+        for (j, &tj) in t.iter().enumerate() {
+            axpy(yr, tj, &bt[j * dout..(j + 1) * dout]);
+        }
     }
 }
 

@@ -71,18 +71,20 @@ pub fn exp_in_place(xs: &mut [f32]) {
 /// `y += alpha * x` with `x` given as bf16 bits.
 #[inline]
 pub fn axpy_bf16(y: &mut [f32], alpha: f32, x: &[u16]) {
-    debug_assert_eq!(y.len(), x.len());
-    for (o, &i) in y.iter_mut().zip(x) {
-        *o += alpha * f32::from_bits((i as u32) << 16);
-    }
+    axpy_widened(y, alpha, x, |v| f32::from_bits((v as u32) << 16))
 }
 
 /// `y += alpha * x`.
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    axpy_widened(y, alpha, x, |v| v)
+}
+
+#[inline(always)]
+fn axpy_widened<T: Copy>(y: &mut [f32], alpha: f32, x: &[T], widen: impl Fn(T) -> f32) {
     debug_assert_eq!(y.len(), x.len());
-    for (o, i) in y.iter_mut().zip(x) {
-        *o += alpha * i;
+    for (o, &i) in y.iter_mut().zip(x) {
+        *o += alpha * widen(i);
     }
 }
 
