@@ -19,8 +19,7 @@ pub struct GenerateArgs {
     /// Adapter directory (PEFT LoRA / IA3, or flora's fLoRA layout).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Model file; default: $FLORA_MODEL, else SmolLM2-135M-Instruct (fetched into the cache).
-    #[arg(long)]
+    #[arg(long, help = crate::load::MODEL_HELP)]
     pub model: Option<PathBuf>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]

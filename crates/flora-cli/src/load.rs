@@ -7,20 +7,29 @@ use flora_tokenizer::Tokenizer;
 use std::path::Path;
 use std::time::Instant;
 
+/// The help text of every `--model` flag.
+pub const MODEL_HELP: &str = "Model: a Llama-family GGUF file, or a safetensors checkpoint in Hugging Face layout (a directory \
+with config.json, *.safetensors and tokenizer.json). Default: $FLORA_MODEL, else SmolLM2-135M-Instruct (fetched into the cache)";
+
 /// The help text of every `--weights` flag.
 pub const WEIGHTS_HELP: &str = "Number format of the base weights in inference: f32 (exact to the f32 reference) or bf16 \
 (half the bytes, AVX512-BF16 kernels; logits within about 1% of f32). Default: bf16 where the CPU has AVX512-BF16, else f32";
 
 /// The model (dequantized to f32; inference GEMMs in `weights`, default [`WeightFormat::fastest_here`])
-/// and the tokenizer built from its GGUF metadata.
+/// and its tokenizer: from the GGUF metadata, or from `tokenizer.json` (and its config files)
+/// beside a safetensors checkpoint.
 pub fn model_and_tokenizer(model: Option<&Path>, weights: Option<WeightFormat>) -> Result<(Llama, Tokenizer)> {
     let path = flora_model::default_model::resolve_model(model)?;
     let t = Instant::now();
     let ck = flora_model::weights::load(&path)?;
-    let Some(content) = ck.gguf.as_ref() else {
-        bail!("{}: flora builds its tokenizer from GGUF metadata; safetensors checkpoints are not runnable from the CLI yet", path.display());
-    };
-    let tok = Tokenizer::from_gguf_content(content).with_context(|| format!("tokenizer of {}", path.display()))?;
+    let tok = match ck.gguf.as_ref() {
+        Some(content) => Tokenizer::from_gguf_content(content),
+        None => Tokenizer::from_hf_dir(checkpoint_dir(&path)),
+    }
+    .with_context(|| format!("tokenizer of {}", path.display()))?;
+    if tok.vocab_size() > ck.config.vocab {
+        bail!("{}: the tokenizer has {} tokens but the model's embedding only {} rows", path.display(), tok.vocab_size(), ck.config.vocab);
+    }
     let mut llama = Llama::from_checkpoint(ck)?;
     let format = weights.unwrap_or_else(WeightFormat::fastest_here);
     llama.set_weight_format(format)?;
@@ -31,7 +40,22 @@ pub fn model_and_tokenizer(model: Option<&Path>, weights: Option<WeightFormat>) 
 /// Only the tokenizer (for `flora tokenize`: no weights are read).
 pub fn tokenizer(model: Option<&Path>) -> Result<Tokenizer> {
     let path = flora_model::default_model::resolve_model(model)?;
-    Tokenizer::from_gguf(&path).with_context(|| format!("tokenizer of {}", path.display()))
+    if is_safetensors_checkpoint(&path) { Tokenizer::from_hf_dir(checkpoint_dir(&path)) } else { Tokenizer::from_gguf(&path) }
+        .with_context(|| format!("tokenizer of {}", path.display()))
+}
+
+/// A checkpoint directory, or a `.safetensors` file in one (as `flora_model::weights::load` reads them).
+fn is_safetensors_checkpoint(path: &Path) -> bool {
+    path.is_dir() || path.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// The directory holding a checkpoint's config and tokenizer files.
+fn checkpoint_dir(path: &Path) -> &Path {
+    if path.is_dir() {
+        path
+    } else {
+        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
 }
 
 /// Status lines go to stderr so stdout carries only the command's output.

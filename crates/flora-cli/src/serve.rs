@@ -12,8 +12,7 @@ use std::time::Duration;
 POST /v1/load_lora_adapter); the base model's name is listed first by GET /v1/models.\n\n\
 Example:\n  flora serve --adapters ./adapters --port 8000\n  curl localhost:8000/v1/completions -H 'content-type: application/json' \\\n    -d '{\"model\": \"my-lora\", \"prompt\": \"Hello\", \"max_tokens\": 16}'")]
 pub struct ServeArgs {
-    /// Model file; default: $FLORA_MODEL, else SmolLM2-135M-Instruct (fetched into the cache).
-    #[arg(long)]
+    #[arg(long, help = crate::load::MODEL_HELP)]
     pub model: Option<PathBuf>,
     #[arg(long, env = "FLORA_WEIGHTS", help = crate::load::WEIGHTS_HELP)]
     pub weights: Option<flora_adapters::WeightFormat>,

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 pub struct TokenizeArgs {
     /// Text to tokenize (special tokens such as <|im_start|> are recognized).
     pub text: String,
-    /// Model file (GGUF) whose tokenizer to use; default: the default model.
-    #[arg(long)]
+    #[arg(long, help = crate::load::MODEL_HELP)]
     pub model: Option<PathBuf>,
 }
 

@@ -96,8 +96,7 @@ pub struct TrainArgs {
     /// uninterrupted run).
     #[arg(long)]
     pub resume: bool,
-    /// Model file; default: $FLORA_MODEL, else SmolLM2-135M-Instruct (fetched into the cache).
-    #[arg(long)]
+    #[arg(long, help = crate::load::MODEL_HELP)]
     pub model: Option<PathBuf>,
 }
 

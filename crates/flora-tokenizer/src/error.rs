@@ -17,6 +17,9 @@ pub enum Error {
     /// The file is not a readable GGUF file (bad magic, truncated, corrupt).
     #[error("{path} is not a valid GGUF file: {message}")]
     InvalidGguf { path: PathBuf, message: String },
+    /// A file of a Hugging Face tokenizer is missing or malformed.
+    #[error("{path}: {message}")]
+    HfFile { path: PathBuf, message: String },
     /// A required GGUF metadata key is absent.
     #[error("GGUF metadata key `{0}` is missing")]
     MissingKey(&'static str),

@@ -1,9 +1,11 @@
-//! Tokenizer for flora, built from the metadata of a GGUF model file.
+//! Tokenizer for flora, built from the metadata of a GGUF model file or from a Hugging Face
+//! checkpoint's `tokenizer.json`.
 //!
 //! * [`Tokenizer`]: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the
 //!   pre-tokenizer named by `tokenizer.ggml.pre` (`smollm`, `gpt2`,
 //!   `llama-bpe`, `default`); special tokens written in text are recognised.
-//!   Produces the same ids as llama.cpp.
+//!   Produces the same ids as llama.cpp. [`Tokenizer::from_hf_dir`] reads a Hugging Face
+//!   `tokenizer.json` (byte-level BPE) and its config files instead.
 //! * [`StreamDecoder`] / [`Utf8Stream`]: incremental decoding for streamed generation;
 //!   [`StopFilter`]: stop strings over streamed text.
 //! * [`ChatTemplate`]: the model's Jinja chat template (`tokenizer.chat_template`).
@@ -22,6 +24,7 @@ pub mod byte_level;
 mod chat;
 mod error;
 mod gguf;
+mod hf;
 mod metadata;
 mod pretokenizer;
 mod stop;

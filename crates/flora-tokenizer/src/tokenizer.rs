@@ -17,7 +17,8 @@ use crate::pretokenizer::PreTokenizerKind;
 use crate::stream::StreamDecoder;
 use crate::ChatTemplate;
 
-/// A byte-level BPE tokenizer (GGUF `tokenizer.ggml.model = "gpt2"`).
+/// A byte-level BPE tokenizer (GGUF `tokenizer.ggml.model = "gpt2"`, or a Hugging Face
+/// `tokenizer.json` with a BPE model and a ByteLevel decoder).
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// id -> vocabulary string (byte-level alphabet for normal tokens).
@@ -27,7 +28,8 @@ pub struct Tokenizer {
     /// id -> whether the token is a special (CONTROL) token.
     special: Vec<bool>,
     token_to_id: HashMap<String, u32>,
-    pre: PreTokenizerKind,
+    /// The GGUF pre-tokenizer; `None` for a `tokenizer.json`, whose pipeline is in the file.
+    pre: Option<PreTokenizerKind>,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     pad_id: Option<u32>,
@@ -106,26 +108,60 @@ impl Tokenizer {
             .iter()
             .map(|t| *t == TokenType::Control)
             .collect();
-        // Later duplicates win, as in llama.cpp.
-        let token_to_id = md
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        Ok(Self {
+        Ok(Self::assemble(
             inner,
-            tokens: md.tokens,
+            md.tokens,
             token_bytes,
             special,
-            token_to_id,
-            pre,
-            bos_id: md.bos_id,
-            eos_id: md.eos_id,
-            pad_id: md.pad_id,
-            add_bos: md.add_bos,
-            chat_template: md.chat_template,
-        })
+            Some(pre),
+            md.bos_id,
+            md.eos_id,
+            md.pad_id,
+            md.add_bos,
+            md.chat_template,
+        ))
+    }
+
+    /// Reads a Hugging Face tokenizer (`tokenizer.json`, plus `tokenizer_config.json`,
+    /// `config.json` and `chat_template.jinja` where present) from a checkpoint directory.
+    pub fn from_hf_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        crate::hf::load(dir.as_ref())
+    }
+
+    /// Writes this tokenizer in Hugging Face layout (`tokenizer.json`, `tokenizer_config.json`)
+    /// into `dir`, which [`Tokenizer::from_hf_dir`] reads back; e.g. to run a GGUF model's
+    /// weights saved as safetensors.
+    pub fn save_hf_dir(&self, dir: impl AsRef<Path>) -> Result<()> {
+        crate::hf::save(self, dir.as_ref())
+    }
+
+    /// The encoder (BPE model, pre-tokenizer, added tokens).
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// The chat template's Jinja source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Puts the parts together; `tokens[i]`, `token_bytes[i]` and `special[i]` describe id `i`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        inner: tokenizers::Tokenizer,
+        tokens: Vec<String>,
+        token_bytes: Vec<Vec<u8>>,
+        special: Vec<bool>,
+        pre: Option<PreTokenizerKind>,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+        pad_id: Option<u32>,
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Self {
+        // Later duplicates win, as in llama.cpp.
+        let token_to_id = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        Self { inner, tokens, token_bytes, special, token_to_id, pre, bos_id, eos_id, pad_id, add_bos, chat_template }
     }
 
     /// Encodes `text` into token ids. Special tokens written in the text (such
@@ -225,8 +261,8 @@ impl Tokenizer {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
 
-    /// The pre-tokenizer in use.
-    pub fn pre_tokenizer(&self) -> PreTokenizerKind {
+    /// The GGUF pre-tokenizer in use (`None` for a `tokenizer.json`, which carries its own).
+    pub fn pre_tokenizer(&self) -> Option<PreTokenizerKind> {
         self.pre
     }
 }
@@ -282,6 +318,8 @@ fn build_inner(md: &TokenizerMetadata, pre: PreTokenizerKind) -> Result<tokenize
         .map_err(|e| Error::Tokenizer(format!("cannot build BPE model: {e}")))?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(pre.build()?));
+    // Decoding is done from `token_bytes`; the decoder makes a saved `tokenizer.json` complete.
+    inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
 
     let added = |ty: TokenType, special: bool| -> Vec<AddedToken> {
         md.tokens

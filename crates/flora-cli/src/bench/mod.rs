@@ -36,8 +36,7 @@ pub enum BenchCommand {
     /// distinct adapter per sequence (LoRA r=8, fLoRA r=1, 2, 4), and peak memory.
     /// Writes DIR/model.csv and DIR/model.md.
     Model {
-        /// Model file; default: $FLORA_MODEL, else the default model (fetched into the cache).
-        #[arg(long)]
+        #[arg(long, help = crate::load::MODEL_HELP)]
         model: Option<PathBuf>,
         /// Output directory.
         #[arg(long, default_value = "bench-out")]
@@ -66,8 +65,7 @@ pub enum BenchCommand {
     /// ranks 1, 4, 8 and IA3; a minibatch mixing 8 adapters vs one adapter; peak memory.
     /// Writes DIR/train.csv and DIR/train.md.
     Train {
-        /// Model file; default: $FLORA_MODEL, else the default model (fetched into the cache).
-        #[arg(long)]
+        #[arg(long, help = crate::load::MODEL_HELP)]
         model: Option<PathBuf>,
         /// Output directory.
         #[arg(long, default_value = "bench-out")]
