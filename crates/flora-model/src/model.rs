@@ -108,24 +108,6 @@ pub struct Llama {
     exec: ExecOptions,
 }
 
-/// Runs the pool's pending work until `done` is set (see [`Llama::step`]).
-fn spin_until(done: &std::sync::atomic::AtomicBool) {
-    while !done.load(std::sync::atomic::Ordering::Acquire) {
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
-            std::hint::spin_loop();
-        }
-    }
-}
-
-/// Sets the flag when dropped: the spinners stop however the step ends (error or panic).
-struct SetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
-    }
-}
-
 /// Which positions of a sequence need logits in a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -305,19 +287,10 @@ impl Llama {
     /// One inference step over ragged sequences. Appends to each sequence's cache and returns
     /// logits `[rows, vocab]` for the requested positions, sequence by sequence.
     pub fn step(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {
-        // The whole step runs on a worker of the kernels' thread pool: each of its ~200 parallel
-        // GEMMs then forks from inside the pool instead of handing work over from outside it
-        // and sleeping until done (two context switches per GEMM, a quarter of batch-1 decode).
-        // The other workers spin for the step's duration, taking each fork's other half at
-        // once instead of going to sleep between forks and being woken by the next one.
-        let done = std::sync::atomic::AtomicBool::new(false);
-        rayon::scope(|s| {
-            for _ in 1..rayon::current_num_threads() {
-                s.spawn(|_| spin_until(&done));
-            }
-            let _stop = SetOnDrop(&done);
-            self.step_in_pool(seqs, adapters)
-        })
+        // The step's ~200 parallel GEMMs are short: the pool's other workers spin for the
+        // step's duration and take each GEMM's share at once (`team`), instead of sleeping
+        // between GEMMs and being handed work through rayon's queues.
+        flora_adapters::cpu::team::with_team(|| self.step_in_pool(seqs, adapters))
     }
 
     fn step_in_pool(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {

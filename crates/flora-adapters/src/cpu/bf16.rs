@@ -182,6 +182,9 @@ pub fn round_slice(out: &mut [u16], x: &[f32]) {
     }
 }
 
+/// Parallel chunks of a GEMM per thread.
+const CHUNKS_PER_THREAD: usize = 4;
+
 thread_local! {
     static A_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -210,10 +213,12 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &Pack
         let flops = 2 * m * n * k;
         // Split once there is enough arithmetic or enough weight to stream: a decode step's
         // k and v projections (220 KB in bf16) already stream faster on two cores.
+        // Threads claim chunks as they come free (see `team`): a few per thread even out a
+        // late start or a slower share of memory bandwidth.
         let n_chunks = if flops < (1 << 20) && w.bytes() < (1 << 17) {
             1
         } else {
-            super::matmul::n_threads().min(panels)
+            (CHUNKS_PER_THREAD * super::matmul::n_threads()).min(panels)
         };
         let per_chunk = panels.div_ceil(n_chunks);
         let cp = SendPtr(c.as_mut_ptr());
@@ -223,11 +228,7 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &Pack
             // SAFETY: chunks write disjoint column ranges of C, inside the bounds asserted above.
             unsafe { run_panels(cp.0, ldc, a16, m, w, p0, p1) };
         };
-        if n_chunks == 1 {
-            run(0);
-        } else {
-            (0..n_chunks).into_par_iter().for_each(run);
-        }
+        super::team::par_for(n_chunks, run);
     });
 }
 

@@ -6,6 +6,7 @@ pub mod bf16;
 pub mod forward;
 pub mod matmul;
 pub mod skinny;
+pub mod team;
 pub mod vecops;
 
 pub use skinny::has_avx512;

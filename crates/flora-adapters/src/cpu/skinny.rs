@@ -66,6 +66,7 @@ pub fn matmul_rows(
     // Threads pay off once there is enough arithmetic, or enough weight to stream (decode at
     // batch 1 is bandwidth-bound: two cores pull more bytes than one).
     let (flops, b_bytes) = (2 * m * n * k, 4 * k * n);
+    // Threads claim chunks as they come free (see `team`), a few per thread.
     let n_chunks = if flops < (1 << 20) && b_bytes < (1 << 19) { 1 } else { super::matmul::n_threads().min(n_panels) };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let cp = SendPtr(c.as_mut_ptr());
@@ -78,12 +79,7 @@ pub fn matmul_rows(
             unsafe { x86::run_columns(cp.0, ldc, a.as_ptr(), lda, m, k, b.as_ptr(), ldb, j0, j1, alpha, beta) };
         }
     };
-    if n_chunks == 1 {
-        run(0);
-    } else {
-        use rayon::prelude::*;
-        (0..n_chunks).into_par_iter().for_each(run);
-    }
+    super::team::par_for(n_chunks, run);
 }
 
 #[cfg(target_arch = "x86_64")]

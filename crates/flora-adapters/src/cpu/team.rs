@@ -1,0 +1,233 @@
+//! A team of spinning threads for the many short parallel loops of one inference step.
+//!
+//! A batch-1 decode step of a small model runs ~200 GEMMs of a few hundred microseconds each,
+//! every one split over the cores. Handing each split to rayon (a job pushed on a deque, stolen
+//! by another worker, a latch to wait on) costs microseconds per fork, and a worker with no
+//! work goes to sleep and must be woken. Inside [`with_team`], the other workers of the pool
+//! instead spin on one shared word; [`par_for`] publishes a loop there, every thread of the
+//! team (the caller included) claims its iterations with one atomic add, and the caller waits
+//! for the last to finish. Outside a team, [`par_for`] is rayon's parallel loop.
+//!
+//! A CUDA build needs none of this (a step is a stream of kernel launches); the interface is
+//! the two functions.
+
+use std::cell::Cell;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::*};
+
+use rayon::prelude::*;
+
+/// A loop body as the team sees it: a pointer to the caller's `&dyn Fn`.
+type Body<'a> = &'a (dyn Fn(usize) + Sync);
+
+/// Keeps the words the caller writes per loop and the word helpers write per iteration on
+/// separate cache lines.
+#[repr(align(128))]
+struct Line<T>(T);
+
+struct Team {
+    /// The current loop's body (null between loops); a `*const Body`.
+    job: Line<AtomicPtr<()>>,
+    /// Bumped for every loop; helpers join a loop once per epoch.
+    epoch: Line<AtomicUsize>,
+    /// Iterations of the current loop.
+    n: Line<AtomicUsize>,
+    /// Next iteration to claim.
+    next: Line<AtomicUsize>,
+    /// Iterations finished.
+    done: Line<AtomicUsize>,
+    /// Helpers inside the current loop: the caller returns (and the body goes out of scope)
+    /// only when none is.
+    active: Line<AtomicUsize>,
+    panicked: AtomicBool,
+    stop: Line<AtomicBool>,
+}
+
+thread_local! {
+    /// The team whose caller runs on this thread; null elsewhere and while a loop body runs.
+    static CURRENT: Cell<*const Team> = const { Cell::new(ptr::null()) };
+}
+
+/// Runs `f` on a worker of rayon's pool while every other worker spins, ready to take part in
+/// the [`par_for`] loops `f` runs. Nested calls run `f` directly; a one-thread pool too.
+pub fn with_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || !CURRENT.with(Cell::get).is_null() {
+        return f();
+    }
+    let team = Team {
+        job: Line(AtomicPtr::new(ptr::null_mut())),
+        epoch: Line(AtomicUsize::new(0)),
+        n: Line(AtomicUsize::new(0)),
+        next: Line(AtomicUsize::new(0)),
+        done: Line(AtomicUsize::new(0)),
+        active: Line(AtomicUsize::new(0)),
+        panicked: AtomicBool::new(false),
+        stop: Line(AtomicBool::new(false)),
+    };
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| team.help());
+        }
+        // However `f` ends, this thread leaves the team and the helpers stop.
+        let _stop = Stop(&team);
+        let _lead = Restore(CURRENT.with(|c| c.replace(&team)));
+        f()
+    })
+}
+
+/// Calls `body(i)` for every `i` in `0..n`, in parallel: on the team if this thread leads one
+/// (see [`with_team`]), else on rayon's pool. Returns when all calls have returned.
+pub fn par_for(n: usize, body: impl Fn(usize) + Sync + Send) {
+    if n <= 1 {
+        (0..n).for_each(body);
+        return;
+    }
+    let team = CURRENT.with(Cell::get);
+    if team.is_null() {
+        (0..n).into_par_iter().for_each(body);
+        return;
+    }
+    // SAFETY: CURRENT points at a team alive for the whole `with_team` call on this thread.
+    let team = unsafe { &*team };
+    let body: Body = &body;
+    // Nested loops in the body run on rayon, not on this team.
+    let _lead = Restore(CURRENT.with(|c| c.replace(ptr::null())));
+    team.n.0.store(n, SeqCst);
+    team.next.0.store(0, SeqCst);
+    team.done.0.store(0, SeqCst);
+    team.job.0.store(&body as *const Body as *mut (), SeqCst);
+    team.epoch.0.fetch_add(1, SeqCst);
+    team.work(body);
+    while team.done.0.load(Acquire) < n {
+        std::hint::spin_loop();
+    }
+    // No helper may still hold the body once this returns: retract it, then wait for any
+    // helper that took it before the retraction to leave.
+    team.job.0.store(ptr::null_mut(), SeqCst);
+    while team.active.0.load(SeqCst) != 0 {
+        std::hint::spin_loop();
+    }
+    if team.panicked.swap(false, SeqCst) {
+        panic!("an iteration of a parallel loop panicked");
+    }
+}
+
+impl Team {
+    /// Claims and runs iterations of the current loop until none is left.
+    fn work(&self, body: Body) {
+        let n = self.n.0.load(SeqCst);
+        loop {
+            let i = self.next.0.fetch_add(1, SeqCst);
+            if i >= n {
+                return;
+            }
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(i))).is_err() {
+                self.panicked.store(true, SeqCst);
+            }
+            self.done.0.fetch_add(1, Release);
+        }
+    }
+
+    /// A helper's loop: join each published loop once; between loops run any rayon work
+    /// queued in the pool (nested loops of a body), else spin.
+    fn help(&self) {
+        let (mut seen, mut idle) = (0, 0u32);
+        while !self.stop.0.load(Acquire) {
+            let epoch = self.epoch.0.load(Acquire);
+            if epoch == seen {
+                // Watch the epoch closely (a loop starts every few tens of microseconds in a
+                // decode step); only now and then look for queued rayon work, which is slower.
+                idle += 1;
+                if idle % 64 == 0 && rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle = 0;
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            idle = 0;
+            seen = epoch;
+            self.active.0.fetch_add(1, SeqCst);
+            let job = self.job.0.load(SeqCst) as *const Body;
+            if !job.is_null() {
+                // SAFETY: the caller retracts `job` and then waits for `active` to drop to
+                // zero before the body goes out of scope; this helper counted itself active
+                // before reading `job`, so either it read null or the caller waits for it.
+                self.work(unsafe { *job });
+            }
+            self.active.0.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+/// Sets this thread's team pointer back to the saved one when dropped.
+struct Restore(*const Team);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.0));
+    }
+}
+
+/// Stops the team's helpers when dropped.
+struct Stop<'a>(&'a Team);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.stop.0.store(true, Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_iteration_runs_once_in_and_out_of_a_team() {
+        for n in [0usize, 1, 2, 3, 17, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            par_for(n, |i| {
+                hits[i].fetch_add(1, SeqCst);
+            });
+            assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+            with_team(|| {
+                for _ in 0..50 {
+                    par_for(n, |i| {
+                        hits[i].fetch_add(1, SeqCst);
+                    });
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(SeqCst) == 51), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn nested_loops_and_nested_teams_complete() {
+        let sum = AtomicUsize::new(0);
+        with_team(|| {
+            par_for(8, |i| {
+                par_for(8, |j| {
+                    sum.fetch_add(i * 8 + j, SeqCst);
+                });
+                with_team(|| sum.fetch_add(1000, SeqCst));
+            });
+        });
+        assert_eq!(sum.load(SeqCst), (0..64).sum::<usize>() + 8000);
+    }
+
+    #[test]
+    fn a_panicking_iteration_reaches_the_caller_and_the_team_ends() {
+        let r = std::panic::catch_unwind(|| {
+            with_team(|| {
+                par_for(4, |i| assert!(i != 2, "iteration 2 fails"));
+            })
+        });
+        assert!(r.is_err());
+        // The pool still works.
+        let sum = AtomicUsize::new(0);
+        with_team(|| par_for(10, |i| {
+            sum.fetch_add(i, SeqCst);
+        }));
+        assert_eq!(sum.load(SeqCst), 45);
+    }
+}
