@@ -133,37 +133,10 @@ impl LayerAdapters {
                 specs.push(None);
                 continue;
             };
-            let bad = |msg: String| AdapterError::BadAdapter { layer: name.to_string(), adapter: adapter.to_string(), msg };
-            let (spec, ins, outs) = match w {
-                AdapterWeights::Lora { a, b, scale } => {
-                    let r = check_2d(a, "lora A", None, Some(d_in)).map_err(&bad)?;
-                    check_2d(b, "lora B", Some(d_out), Some(r)).map_err(&bad)?;
-                    if !scale.is_finite() {
-                        return Err(bad(format!("scale {scale} is not finite")));
-                    }
-                    let spec = SlotSpec { kind: SlotKind::Lora, rank: r, scale: *scale, offset };
-                    (spec, Some(a.flatten_all()?), Some(b.t()?.contiguous()?.flatten_all()?))
-                }
-                AdapterWeights::Flora { a, b } => {
-                    let r = check_2d(b, "flora b", None, Some(d_in)).map_err(&bad)?;
-                    check_2d(a, "flora a", Some(r), Some(d_out)).map_err(&bad)?;
-                    let spec = SlotSpec { kind: SlotKind::Flora, rank: r, scale: 1.0 / r as f32, offset };
-                    (spec, Some(b.flatten_all()?), Some(a.flatten_all()?))
-                }
-                AdapterWeights::Ia3 { l, on_input } => {
-                    let want = if *on_input { d_in } else { d_out };
-                    if l.dims() != [want] {
-                        return Err(bad(format!("ia3 vector has shape {:?}, expected [{want}]", l.dims())));
-                    }
-                    let kind = if *on_input { SlotKind::Ia3In } else { SlotKind::Ia3Out };
-                    let spec = SlotSpec { kind, rank: 1, scale: 1.0, offset };
-                    let flat = l.flatten_all()?;
-                    if *on_input { (spec, Some(flat), None) } else { (spec, None, Some(flat)) }
-                }
-            };
-            for part in [ins, outs].into_iter().flatten() {
-                let part = part.to_dtype(DType::F32)?.to_device(device)?;
-                check_finite(&part).map_err(&bad)?;
+            let (mut spec, slot_parts) = slot_layout(name, adapter, d_in, d_out, w)?;
+            spec.offset = offset;
+            for part in slot_parts {
+                let part = part.to_device(device)?;
                 offset += part.elem_count();
                 parts.push(part);
             }
@@ -171,6 +144,41 @@ impl LayerAdapters {
         }
         let params = if parts.is_empty() { Tensor::zeros(0, DType::F32, device)? } else { Tensor::cat(&parts, 0)? };
         Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params, bf16: None })
+    }
+
+    /// Packs slots prepared ahead with [`SlotParts::new`] (inference: a copy of each slot's
+    /// values, no checks or conversions). Either every prepared slot carries a bf16 copy or
+    /// none does.
+    pub fn from_parts(name: &str, d_in: usize, d_out: usize, slots: &[Option<&SlotParts>], device: &Device) -> Result<Self> {
+        let present = || slots.iter().flatten();
+        let bf16 = present().next().is_some_and(|p| p.halves.is_some());
+        if present().any(|p| p.halves.is_some() != bf16 || p.d_in != d_in || p.d_out != d_out) {
+            return Err(AdapterError::BadBatch { layer: name.to_string(), msg: "prepared slots differ in number format or projection shape".into() });
+        }
+        let total: usize = present().map(|p| p.values.len()).sum();
+        let mut values = Vec::with_capacity(total);
+        // Written in place (an `Arc<[u16]>` made from a Vec would copy it once more).
+        let mut halves = Arc::<[u16]>::new_uninit_slice(if bf16 { total } else { 0 });
+        let halves_out = Arc::get_mut(&mut halves).expect("a new Arc is unique");
+        let mut specs = Vec::with_capacity(slots.len());
+        for slot in slots {
+            specs.push(slot.map(|p| {
+                let spec = SlotSpec { offset: values.len(), ..p.spec };
+                if let Some(h) = &p.halves {
+                    for (o, &v) in halves_out[values.len()..values.len() + h.len()].iter_mut().zip(h.iter()) {
+                        o.write(v);
+                    }
+                }
+                values.extend_from_slice(&p.values);
+                spec
+            }));
+        }
+        assert_eq!(values.len(), total);
+        // SAFETY: with bf16, every slot wrote its halves at the offsets of its values, and the
+        // values cover 0..total; without, the slice is empty.
+        let halves = unsafe { halves.assume_init() };
+        let params = Tensor::from_vec(values, total, device)?;
+        Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params, bf16: bf16.then_some(halves) })
     }
 
     /// The same slot table over other parameter values of the same layout (e.g. a trainable
@@ -238,6 +246,87 @@ impl LayerAdapters {
     }
 }
 
+/// One adapter's slot at projection `layer` `[d_out, d_in]`: its spec (offset 0) and its parts
+/// in table order (f32, contiguous), after checking shapes, rank and finiteness. Keeps the
+/// autograd graph (training packs variables through this).
+fn slot_layout(layer: &str, adapter: &str, d_in: usize, d_out: usize, w: &AdapterWeights) -> Result<(SlotSpec, Vec<Tensor>)> {
+    let bad = |msg: String| AdapterError::BadAdapter { layer: layer.to_string(), adapter: adapter.to_string(), msg };
+    let (spec, ins, outs) = match w {
+        AdapterWeights::Lora { a, b, scale } => {
+            let r = check_2d(a, "lora A", None, Some(d_in)).map_err(&bad)?;
+            check_2d(b, "lora B", Some(d_out), Some(r)).map_err(&bad)?;
+            if !scale.is_finite() {
+                return Err(bad(format!("scale {scale} is not finite")));
+            }
+            let spec = SlotSpec { kind: SlotKind::Lora, rank: r, scale: *scale, offset: 0 };
+            (spec, Some(a.flatten_all()?), Some(b.t()?.contiguous()?.flatten_all()?))
+        }
+        AdapterWeights::Flora { a, b } => {
+            let r = check_2d(b, "flora b", None, Some(d_in)).map_err(&bad)?;
+            check_2d(a, "flora a", Some(r), Some(d_out)).map_err(&bad)?;
+            let spec = SlotSpec { kind: SlotKind::Flora, rank: r, scale: 1.0 / r as f32, offset: 0 };
+            (spec, Some(b.flatten_all()?), Some(a.flatten_all()?))
+        }
+        AdapterWeights::Ia3 { l, on_input } => {
+            let want = if *on_input { d_in } else { d_out };
+            if l.dims() != [want] {
+                return Err(bad(format!("ia3 vector has shape {:?}, expected [{want}]", l.dims())));
+            }
+            let kind = if *on_input { SlotKind::Ia3In } else { SlotKind::Ia3Out };
+            let spec = SlotSpec { kind, rank: 1, scale: 1.0, offset: 0 };
+            let flat = l.flatten_all()?;
+            if *on_input { (spec, Some(flat), None) } else { (spec, None, Some(flat)) }
+        }
+    };
+    let mut parts = Vec::with_capacity(2);
+    for part in [ins, outs].into_iter().flatten() {
+        let part = part.to_dtype(DType::F32)?;
+        check_finite(&part).map_err(&bad)?;
+        parts.push(part);
+    }
+    Ok((spec, parts))
+}
+
+/// One adapter's values at one projection, checked and laid out as a packed table holds them
+/// ([`LayerAdapters::from_parts`] copies them in): the serving engine prepares each adapter
+/// once when it first gets a slot, so changing slots later is a memory copy.
+#[derive(Clone, Debug)]
+pub struct SlotParts {
+    spec: SlotSpec,
+    d_in: usize,
+    d_out: usize,
+    /// In-part then out-part (see the module table); bf16-rounded values when `halves` is set.
+    values: Arc<[f32]>,
+    /// The same values as bf16, for bf16 inference (see [`LayerAdapters::with_bf16_tables`]).
+    halves: Option<Arc<[u16]>>,
+}
+
+impl SlotParts {
+    /// Checks and lays out `w` for projection `layer` `[d_out, d_in]`; with `bf16`, rounds the
+    /// values to bf16 and keeps their bf16 copy.
+    pub fn new(layer: &str, adapter: &str, d_in: usize, d_out: usize, w: &AdapterWeights, bf16: bool) -> Result<Self> {
+        let (spec, parts) = slot_layout(layer, adapter, d_in, d_out, w)?;
+        let mut values: Vec<f32> = Vec::new();
+        for part in &parts {
+            values.extend(part.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let halves = bf16.then(|| {
+            let mut h = vec![0u16; values.len()];
+            crate::cpu::bf16::round_slice(&mut h, &values);
+            for (v, &h) in values.iter_mut().zip(&h) {
+                *v = crate::cpu::bf16::bf16_to_f32(h);
+            }
+            Arc::<[u16]>::from(h)
+        });
+        Ok(Self { spec, d_in, d_out, values: values.into(), halves })
+    }
+
+    /// Bytes held (values and their bf16 copy).
+    pub fn bytes(&self) -> usize {
+        self.values.len() * 4 + self.halves.as_ref().map_or(0, |h| h.len() * 2)
+    }
+}
+
 /// Checks a 2-D tensor's dims against the expected ones; returns dim 0. Rank 0 is refused.
 fn check_2d(t: &Tensor, what: &str, rows: Option<usize>, cols: Option<usize>) -> std::result::Result<usize, String> {
     let dims = t.dims();
@@ -268,4 +357,48 @@ fn check_finite(t: &Tensor) -> std::result::Result<(), String> {
     }
     let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| e.to_string())?;
     scan(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(dims: &[usize], seed: u64) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v = crate::init::WeightRng::new(seed).uniform(n, 0.5);
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// Prepared slots pack into the same table as `pack` (f32) and `pack` + `with_bf16_tables`.
+    #[test]
+    fn prepared_parts_pack_like_pack() {
+        let (d_in, d_out) = (12, 7);
+        let weights = [
+            AdapterWeights::Lora { a: t(&[3, d_in], 1), b: t(&[d_out, 3], 2), scale: 0.5 },
+            AdapterWeights::Flora { a: t(&[2, d_out], 3), b: t(&[2, d_in], 4) },
+            AdapterWeights::Ia3 { l: t(&[d_out], 5), on_input: false },
+            AdapterWeights::Ia3 { l: t(&[d_in], 6), on_input: true },
+        ];
+        let slots: Vec<Option<(&str, &AdapterWeights)>> =
+            vec![Some(("a", &weights[0])), None, Some(("b", &weights[1])), Some(("c", &weights[2])), Some(("d", &weights[3]))];
+        let reference = LayerAdapters::pack("p", d_in, d_out, &slots, &Device::Cpu).unwrap();
+        for bf16 in [false, true] {
+            let parts: Vec<Option<SlotParts>> =
+                slots.iter().map(|s| s.map(|(name, w)| SlotParts::new("p", name, d_in, d_out, w, bf16).unwrap())).collect();
+            let refs: Vec<Option<&SlotParts>> = parts.iter().map(Option::as_ref).collect();
+            let got = LayerAdapters::from_parts("p", d_in, d_out, &refs, &Device::Cpu).unwrap();
+            let want = if bf16 { reference.with_bf16_tables().unwrap() } else { reference.clone() };
+            assert_eq!(got.slots(), want.slots());
+            assert_eq!(got.params().to_vec1::<f32>().unwrap(), want.params().to_vec1::<f32>().unwrap());
+            assert_eq!(got.bf16_params().map(|h| h.to_vec()), want.bf16_params().map(|h| h.to_vec()));
+        }
+        // Formats do not mix, and parts belong to one projection shape.
+        let f32_part = SlotParts::new("p", "a", d_in, d_out, &weights[0], false).unwrap();
+        let bf16_part = SlotParts::new("p", "b", d_in, d_out, &weights[1], true).unwrap();
+        assert!(LayerAdapters::from_parts("p", d_in, d_out, &[Some(&f32_part), Some(&bf16_part)], &Device::Cpu).is_err());
+        assert!(LayerAdapters::from_parts("p", d_in + 1, d_out, &[Some(&f32_part)], &Device::Cpu).is_err());
+        // Preparing checks like packing does.
+        let bad = AdapterWeights::Lora { a: t(&[3, d_in + 1], 1), b: t(&[d_out, 3], 2), scale: 0.5 };
+        assert!(SlotParts::new("p", "bad", d_in, d_out, &bad, true).is_err());
+    }
 }

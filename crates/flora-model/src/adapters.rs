@@ -5,7 +5,7 @@ use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::model::Proj;
 use candle_core::Device;
-use flora_adapters::{AdapterKind, AdapterWeights, LayerAdapters};
+use flora_adapters::{AdapterKind, AdapterWeights, LayerAdapters, SlotParts};
 use std::collections::BTreeMap;
 
 /// One adapter over the whole model.
@@ -30,6 +30,38 @@ impl Adapter {
             })
             .sum::<usize>()
             * 4
+    }
+}
+
+/// An adapter checked and laid out for inference tables, in one number format (see
+/// `Llama::prepare_adapter`): packing prepared adapters is a copy of their values.
+#[derive(Clone, Debug, Default)]
+pub struct PreparedAdapter {
+    /// Whether the parts carry bf16 copies (bf16 inference).
+    pub(crate) bf16: bool,
+    pub(crate) parts: BTreeMap<(usize, Proj), SlotParts>,
+}
+
+impl PreparedAdapter {
+    /// Lays out every projection `adapter` targets; `bf16` rounds to bf16 and keeps a bf16 copy.
+    pub fn new(cfg: &LlamaConfig, adapter: &Adapter, bf16: bool) -> Result<Self> {
+        let mut parts = BTreeMap::new();
+        for (&(layer, p), w) in &adapter.weights {
+            let (d_in, d_out) = p.dims(cfg);
+            let name = format!("layers.{layer}.{}", p.path());
+            parts.insert((layer, p), SlotParts::new(&name, &adapter.name, d_in, d_out, w, bf16)?);
+        }
+        Ok(Self { bf16, parts })
+    }
+
+    /// An adapter with no weights (an empty slot: the base model everywhere).
+    pub fn empty(bf16: bool) -> Self {
+        Self { bf16, parts: BTreeMap::new() }
+    }
+
+    /// Bytes held by the prepared values.
+    pub fn bytes(&self) -> usize {
+        self.parts.values().map(SlotParts::bytes).sum()
     }
 }
 
@@ -58,19 +90,22 @@ impl ModelAdapters {
         Ok(Self { tables })
     }
 
-    /// The same tables with bf16 copies for bf16 inference (`LayerAdapters::with_bf16_tables`).
-    pub fn with_bf16_tables(&self) -> Result<Self> {
-        let tables = self
-            .tables
-            .iter()
-            .map(|row| -> Result<[Option<LayerAdapters>; 7]> {
-                let mut out: [Option<LayerAdapters>; 7] = Default::default();
-                for (o, t) in out.iter_mut().zip(row) {
-                    *o = t.as_ref().map(|t| t.with_bf16_tables()).transpose()?;
+    /// Tables of prepared adapters (slot `i` is `adapters[i]`), all in one number format.
+    pub fn from_prepared(cfg: &LlamaConfig, adapters: &[&PreparedAdapter]) -> Result<Self> {
+        let mut tables = Vec::with_capacity(cfg.n_layers);
+        for layer in 0..cfg.n_layers {
+            let mut row: [Option<LayerAdapters>; 7] = Default::default();
+            for p in Proj::ALL {
+                let slots: Vec<Option<&SlotParts>> = adapters.iter().map(|a| a.parts.get(&(layer, p))).collect();
+                if slots.iter().all(Option::is_none) {
+                    continue;
                 }
-                Ok(out)
-            })
-            .collect::<Result<_>>()?;
+                let (d_in, d_out) = p.dims(cfg);
+                let name = format!("layers.{layer}.{}", p.path());
+                row[p.index()] = Some(LayerAdapters::from_parts(&name, d_in, d_out, &slots, &Device::Cpu)?);
+            }
+            tables.push(row);
+        }
         Ok(Self { tables })
     }
 

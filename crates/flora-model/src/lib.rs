@@ -14,7 +14,7 @@ pub mod rows;
 pub mod sampling;
 pub mod weights;
 
-pub use adapters::{Adapter, ModelAdapters};
+pub use adapters::{Adapter, ModelAdapters, PreparedAdapter};
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;

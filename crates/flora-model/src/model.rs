@@ -6,7 +6,7 @@
 //! - [`Llama::forward_train`]: full sequences `[b, t]`, differentiable (training, reference);
 //! - [`Llama::step`]: one inference step over ragged sequences with KV caches (no gradient).
 
-use crate::adapters::{Adapter, ModelAdapters};
+use crate::adapters::{Adapter, ModelAdapters, PreparedAdapter};
 use crate::attention::{ragged_attention, Heads, Span};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -211,11 +211,25 @@ impl Llama {
     /// weights the tables are rounded to bf16 and carry a bf16 copy that decode rows stream.
     /// (Training packs its variables with `ModelAdapters::pack`: f32, differentiable.)
     pub fn pack_adapters(&self, adapters: &[&Adapter]) -> Result<ModelAdapters> {
-        let packed = ModelAdapters::pack(&self.cfg, adapters)?;
-        match self.weight_format() {
-            WeightFormat::F32 => Ok(packed),
-            WeightFormat::Bf16 => packed.with_bf16_tables(),
+        let prepared = adapters.iter().map(|a| self.prepare_adapter(a)).collect::<Result<Vec<_>>>()?;
+        self.pack_prepared(&prepared.iter().collect::<Vec<_>>())
+    }
+
+    /// Checks and lays out `adapter` for this model's inference tables in its current weight
+    /// format, once; [`Self::pack_prepared`] then only copies values (the serving engine
+    /// repacks whenever a slot changes).
+    pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<PreparedAdapter> {
+        PreparedAdapter::new(&self.cfg, adapter, self.weight_format() == WeightFormat::Bf16)
+    }
+
+    /// Inference tables of prepared adapters (slot i = `adapters[i]`); they must have been
+    /// prepared in the current weight format.
+    pub fn pack_prepared(&self, adapters: &[&PreparedAdapter]) -> Result<ModelAdapters> {
+        let bf16 = self.weight_format() == WeightFormat::Bf16;
+        if adapters.iter().any(|a| a.bf16 != bf16 && !a.parts.is_empty()) {
+            return Err(ModelError::BadInput(format!("an adapter was prepared for another weight format than the model's ({})", self.weight_format())));
         }
+        ModelAdapters::from_prepared(&self.cfg, adapters)
     }
 
     /// A fresh, empty KV cache for one sequence.

@@ -65,6 +65,11 @@ pub fn next_token(adapter: &str, since_previous: Duration) {
     counter!("flora_generation_tokens_total", &labels).increment(1);
 }
 
+/// Time to rebuild the adapter tables after a slot change (the engine waits for it).
+pub fn repacked(took: Duration) {
+    histogram!("flora_adapter_repack_seconds").record(took.as_secs_f64());
+}
+
 pub fn step_done(sequences: usize, tokens: usize) {
     counter!("flora_steps_total").increment(1);
     histogram!("flora_step_tokens").record(tokens as f64);

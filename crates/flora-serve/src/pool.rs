@@ -20,6 +20,9 @@ pub struct LoadedAdapter {
     pub info: AdapterInfo,
     pub adapter: Adapter,
     pub bytes: usize,
+    /// The adapter laid out for the engine's tables, made the first time it gets a slot
+    /// (`engine::slots`); later slot changes only copy it.
+    pub prepared: std::sync::OnceLock<flora_model::PreparedAdapter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +135,7 @@ impl AdapterPool {
         }
         inner.tick += 1;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let loaded = Arc::new(LoadedAdapter { key, info: info.clone(), adapter, bytes });
+        let loaded = Arc::new(LoadedAdapter { key, info: info.clone(), adapter, bytes, prepared: Default::default() });
         inner.bytes += bytes;
         let last_used = inner.tick;
         inner.entries.insert(info.name, Entry { adapter: loaded.clone(), last_used });
