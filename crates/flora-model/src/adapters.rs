@@ -72,37 +72,40 @@ pub struct ModelAdapters {
 
 impl ModelAdapters {
     pub fn pack(cfg: &LlamaConfig, adapters: &[&Adapter]) -> Result<Self> {
-        let mut tables = Vec::with_capacity(cfg.n_layers);
-        for layer in 0..cfg.n_layers {
-            let mut row: [Option<LayerAdapters>; 7] = Default::default();
-            for p in Proj::ALL {
-                let slots: Vec<Option<(&str, &AdapterWeights)>> =
-                    adapters.iter().map(|a| a.weights.get(&(layer, p)).map(|w| (a.name.as_str(), w))).collect();
-                if slots.iter().all(Option::is_none) {
-                    continue;
-                }
-                let (d_in, d_out) = p.dims(cfg);
-                let name = format!("layers.{layer}.{}", p.path());
-                row[p.index()] = Some(LayerAdapters::pack(&name, d_in, d_out, &slots, &Device::Cpu)?);
-            }
-            tables.push(row);
-        }
-        Ok(Self { tables })
+        Self::per_projection(
+            cfg,
+            |layer, p| adapters.iter().map(|a| a.weights.get(&(layer, p)).map(|w| (a.name.as_str(), w))).collect(),
+            |name, d_in, d_out, slots| LayerAdapters::pack(name, d_in, d_out, slots, &Device::Cpu),
+        )
     }
 
     /// Tables of prepared adapters (slot `i` is `adapters[i]`), all in one number format.
     pub fn from_prepared(cfg: &LlamaConfig, adapters: &[&PreparedAdapter]) -> Result<Self> {
+        Self::per_projection(
+            cfg,
+            |layer, p| adapters.iter().map(|a| a.parts.get(&(layer, p))).collect(),
+            |name, d_in, d_out, slots| LayerAdapters::from_parts(name, d_in, d_out, slots, &Device::Cpu),
+        )
+    }
+
+    /// One table per (layer, projection) that some slot targets: `slots_at` gives the slots of
+    /// a projection, `pack` packs them.
+    fn per_projection<S>(
+        cfg: &LlamaConfig,
+        slots_at: impl Fn(usize, Proj) -> Vec<Option<S>>,
+        pack: impl Fn(&str, usize, usize, &[Option<S>]) -> flora_adapters::Result<LayerAdapters>,
+    ) -> Result<Self> {
         let mut tables = Vec::with_capacity(cfg.n_layers);
         for layer in 0..cfg.n_layers {
             let mut row: [Option<LayerAdapters>; 7] = Default::default();
             for p in Proj::ALL {
-                let slots: Vec<Option<&SlotParts>> = adapters.iter().map(|a| a.parts.get(&(layer, p))).collect();
+                let slots = slots_at(layer, p);
                 if slots.iter().all(Option::is_none) {
                     continue;
                 }
                 let (d_in, d_out) = p.dims(cfg);
                 let name = format!("layers.{layer}.{}", p.path());
-                row[p.index()] = Some(LayerAdapters::from_parts(&name, d_in, d_out, &slots, &Device::Cpu)?);
+                row[p.index()] = Some(pack(&name, d_in, d_out, &slots)?);
             }
             tables.push(row);
         }
