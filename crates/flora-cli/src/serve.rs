@@ -25,7 +25,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// Bytes of adapter weights kept in memory (suffixes K, M, G allowed); least recently used
-    /// adapters that no request is using are evicted beyond it.
+    /// adapters that no request is using are evicted beyond it. Counts adapters as inference
+    /// holds them: f32 weights, plus their bf16 copy with bf16 weights (1.5x).
     #[arg(long, default_value = "1G", value_parser = parse_bytes)]
     pub max_pool_bytes: usize,
     /// Most tokens (prefill chunks + decodes) in one model step.

@@ -4,10 +4,13 @@
 //! is what pins it. Making room evicts the least recently used adapters that nothing else holds
 //! (`Arc::strong_count == 1`). Replacing an adapter drops the pool's copy of the old version;
 //! requests already running on it keep theirs until they end.
+//!
+//! Adapters are held as the engine's tables use them (`PreparedAdapter`: checked, laid out, in
+//! bf16 inference rounded with a bf16 copy), and the budget counts those bytes exactly.
 
 use crate::registry::AdapterInfo;
 use crate::scheduler::AdapterKey;
-use flora_model::Adapter;
+use flora_model::PreparedAdapter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,11 +21,9 @@ pub struct LoadedAdapter {
     /// Unique per load (the scheduler's slot key).
     pub key: AdapterKey,
     pub info: AdapterInfo,
-    pub adapter: Adapter,
+    /// Laid out for the engine's tables (a slot change copies it).
+    pub adapter: PreparedAdapter,
     pub bytes: usize,
-    /// The adapter laid out for the engine's tables, made the first time it gets a slot
-    /// (`engine::slots`); later slot changes only copy it.
-    pub prepared: std::sync::OnceLock<flora_model::PreparedAdapter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +105,8 @@ impl AdapterPool {
 
     /// Adds a freshly loaded adapter, evicting unpinned adapters (least recently used first)
     /// to stay within the byte budget. An older version of the same name is dropped.
-    pub fn insert(&self, info: AdapterInfo, adapter: Adapter) -> Result<Arc<LoadedAdapter>, PoolError> {
-        let bytes = adapter.n_bytes();
+    pub fn insert(&self, info: AdapterInfo, adapter: PreparedAdapter) -> Result<Arc<LoadedAdapter>, PoolError> {
+        let bytes = adapter.bytes();
         if bytes > self.max_bytes {
             return Err(PoolError::TooLarge { name: info.name, need: bytes, max: self.max_bytes });
         }
@@ -135,7 +136,7 @@ impl AdapterPool {
         }
         inner.tick += 1;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let loaded = Arc::new(LoadedAdapter { key, info: info.clone(), adapter, bytes, prepared: Default::default() });
+        let loaded = Arc::new(LoadedAdapter { key, info: info.clone(), adapter, bytes });
         inner.bytes += bytes;
         let last_used = inner.tick;
         inner.entries.insert(info.name, Entry { adapter: loaded.clone(), last_used });
@@ -171,12 +172,15 @@ mod tests {
     use flora_model::Proj;
     use std::collections::BTreeMap;
 
-    /// An IA3 adapter of `n` floats (4n bytes).
-    fn adapter(name: &str, n: usize) -> (AdapterInfo, Adapter) {
+    /// An IA3 adapter of `n` floats (4n bytes, prepared for f32 inference).
+    fn adapter(name: &str, n: usize) -> (AdapterInfo, PreparedAdapter) {
+        let mut cfg = flora_model::LlamaConfig::tiny();
+        cfg.intermediate = n;
         let l = Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
-        let weights = BTreeMap::from([((0, Proj::K), AdapterWeights::Ia3 { l, on_input: false })]);
+        let weights = BTreeMap::from([((0, Proj::Down), AdapterWeights::Ia3 { l, on_input: true })]);
         let info = AdapterInfo { name: name.into(), path: format!("/x/{name}").into(), kind: AdapterKind::Ia3, rank: 1, version: 1 };
-        (info, Adapter { name: name.into(), kind: AdapterKind::Ia3, rank: 1, weights })
+        let adapter = flora_model::Adapter { name: name.into(), kind: AdapterKind::Ia3, rank: 1, weights };
+        (info, PreparedAdapter::new(&cfg, &adapter, false).unwrap())
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use crate::metrics as m;
 use crate::pool::{AdapterPool, LoadedAdapter, PoolError};
 use crate::registry::{AdapterInfo, Registry, RegistryError};
-use flora_model::LlamaConfig;
+use flora_adapters::WeightFormat;
+use flora_model::{LlamaConfig, PreparedAdapter};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -24,13 +25,17 @@ pub struct AdapterStore {
     registry: Registry,
     pool: AdapterPool,
     model: LlamaConfig,
+    /// The engine model's weight format: adapters are prepared for it when loaded.
+    format: WeightFormat,
     /// One lock per adapter name being loaded, so concurrent first requests load it once.
     loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl AdapterStore {
-    pub fn new(registry: Registry, pool: AdapterPool, model: LlamaConfig) -> Self {
-        Self { registry, pool, model, loading: Mutex::new(HashMap::new()) }
+    /// `model` and `format` are the engine model's configuration and weight format
+    /// (`Llama::config`, `Llama::weight_format`).
+    pub fn new(registry: Registry, pool: AdapterPool, model: LlamaConfig, format: WeightFormat) -> Self {
+        Self { registry, pool, model, format, loading: Mutex::new(HashMap::new()) }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -60,10 +65,18 @@ impl AdapterStore {
 
     /// Reads, validates (shapes against the model, finite values) and pools one adapter.
     fn load(&self, info: AdapterInfo) -> Result<Arc<LoadedAdapter>, StoreError> {
-        let adapter = flora_model::peft::load_adapter_dir(&info.path, &info.name, &self.model)
-            .map_err(|e| StoreError::Load { name: info.name.clone(), msg: e.to_string() })?;
-        tracing::info!(adapter = %info.name, kind = %adapter.kind, rank = adapter.rank, bytes = adapter.n_bytes(), "adapter loaded");
+        let adapter = self.read(&info.path, &info.name)?;
         Ok(self.pool.insert(info, adapter)?)
+    }
+
+    /// Reads and validates an adapter directory and lays it out for the engine's tables (off
+    /// the engine thread: a slot change then only copies it).
+    fn read(&self, path: &Path, name: &str) -> Result<PreparedAdapter, StoreError> {
+        let fail = |e: flora_model::ModelError| StoreError::Load { name: name.to_string(), msg: e.to_string() };
+        let adapter = flora_model::peft::load_adapter_dir(path, name, &self.model).map_err(fail)?;
+        let prepared = PreparedAdapter::new(&self.model, &adapter, self.format == WeightFormat::Bf16).map_err(fail)?;
+        tracing::info!(adapter = %name, kind = %adapter.kind, rank = adapter.rank, bytes = prepared.bytes(), "adapter loaded");
+        Ok(prepared)
     }
 
     /// `POST /v1/load_lora_adapter`: validates the files by loading them, then registers the
@@ -74,8 +87,7 @@ impl AdapterStore {
             return Err(StoreError::Load { name: name.to_string(), msg: format!("{} has no adapter_config.json", path.display()) });
         }
         // Validate before registering, so a bad file never replaces a good adapter.
-        let adapter = flora_model::peft::load_adapter_dir(path, name, &self.model)
-            .map_err(|e| StoreError::Load { name: name.to_string(), msg: e.to_string() })?;
+        let adapter = self.read(path, name)?;
         let info = self.registry.register(name, path)?;
         let loaded = self.pool.insert(info, adapter)?;
         m::pool(&self.pool.stats(), self.pool.max_bytes());

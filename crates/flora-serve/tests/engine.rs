@@ -23,7 +23,7 @@ fn engine(sched: SchedulerConfig) -> (EngineHandle, Arc<Tokenizer>, AdapterStore
     let ck = flora_model::weights::load(&path).unwrap();
     let tok = Arc::new(Tokenizer::from_gguf_content(ck.gguf.as_ref().unwrap()).unwrap());
     let model = Llama::from_checkpoint(ck).unwrap();
-    let store = AdapterStore::new(Registry::new(Some(testdata().join("peft"))).unwrap(), AdapterPool::new(1 << 30), model.config().clone());
+    let store = AdapterStore::new(Registry::new(Some(testdata().join("peft"))).unwrap(), AdapterPool::new(1 << 30), model.config().clone(), model.weight_format());
     (EngineHandle::start(model, tok.clone(), EngineConfig { scheduler: sched, max_waiting: 64 }), tok, store)
 }
 

@@ -4,9 +4,8 @@
 //! Slots hold weak references: an adapter stays in memory because a running sequence holds it,
 //! not because it once had a slot, so the pool can evict idle adapters. Repacking copies every
 //! slotted adapter's weights into one table per projection, so it happens only when the
-//! scheduler changes a slot, not every step. Each adapter is checked, transposed and (for bf16
-//! inference) rounded once, the first time it gets a slot (`PreparedAdapter`); a repack is then
-//! a copy of prepared values.
+//! scheduler changes a slot, not every step. The store has checked, transposed and (for bf16
+//! inference) rounded each adapter when it loaded it (`PreparedAdapter`); a repack is a copy.
 
 use crate::pool::LoadedAdapter;
 use crate::scheduler::AdapterKey;
@@ -51,14 +50,7 @@ impl Slots {
             self.packed = if used == 0 {
                 None
             } else {
-                for a in live[..used].iter().flatten() {
-                    if a.prepared.get().is_none() {
-                        // Only the engine thread prepares, so no other thread races to set it.
-                        let _ = a.prepared.set(model.prepare_adapter(&a.adapter)?);
-                    }
-                }
-                let refs: Vec<&PreparedAdapter> =
-                    live[..used].iter().map(|a| a.as_ref().and_then(|a| a.prepared.get()).unwrap_or(&self.empty)).collect();
+                let refs: Vec<&PreparedAdapter> = live[..used].iter().map(|a| a.as_ref().map_or(&self.empty, |a| &a.adapter)).collect();
                 Some(model.pack_prepared(&refs)?)
             };
             self.dirty = false;
