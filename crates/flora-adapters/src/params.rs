@@ -165,6 +165,7 @@ impl LayerAdapters {
             specs.push(slot.map(|p| {
                 let spec = SlotSpec { offset: values.len(), ..p.spec };
                 if let Some(h) = &p.halves {
+                    debug_assert_eq!(h.len(), p.values.len(), "a slot's bf16 copy covers its values");
                     for (o, &v) in halves_out[values.len()..values.len() + h.len()].iter_mut().zip(h.iter()) {
                         o.write(v);
                     }

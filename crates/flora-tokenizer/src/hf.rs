@@ -35,6 +35,12 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer> {
         tokens[id as usize] = t;
     }
     let added = inner.get_added_tokens_decoder();
+    // An added token wins over a vocabulary entry with the same id (the text it is matched by).
+    for (&id, a) in &added {
+        if let Some(t) = tokens.get_mut(id as usize) {
+            t.clone_from(&a.content);
+        }
+    }
     let mut special = vec![false; n];
     let token_bytes = tokens
         .iter()
@@ -68,7 +74,9 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer> {
         None if template_file.exists() => Some(std::fs::read_to_string(&template_file).map_err(|source| Error::Io { path: template_file, source })?),
         None => None,
     };
-    let add_bos = config["add_bos_token"].as_bool().unwrap_or(false);
+    // Llama-3-style checkpoints leave `add_bos_token` out and add BOS in the post-processor.
+    let bos_text = bos_id.and_then(|id| inner.id_to_token(id));
+    let add_bos = config["add_bos_token"].as_bool().unwrap_or_else(|| bos_text.is_some_and(|b| post_processor_adds(&json["post_processor"], &b)));
     Ok(Tokenizer::assemble(inner, tokens, token_bytes, special, None, bos_id, eos_id, pad_id, add_bos, chat_template))
 }
 
@@ -124,6 +132,16 @@ fn check_byte_level_bpe(path: &PathBuf, json: &Value) -> Result<()> {
     Err(Error::UnsupportedModel(format!("{}: a {model} model with {decoder} decoder", path.display())))
 }
 
+/// Whether a `tokenizer.json` post-processor puts special token `token` first in a single
+/// sequence (`TemplateProcessing`, alone or in a `Sequence`).
+fn post_processor_adds(pp: &Value, token: &str) -> bool {
+    match pp["type"].as_str() {
+        Some("TemplateProcessing") => pp["single"].as_array().and_then(|s| s.first()).is_some_and(|first| first["SpecialToken"]["id"] == token),
+        Some("Sequence") => pp["processors"].as_array().is_some_and(|ps| ps.iter().any(|p| post_processor_adds(p, token))),
+        _ => false,
+    }
+}
+
 /// A special token as `tokenizer_config.json` writes it: a string or `{"content": ...}`.
 fn token_text(v: &Value) -> Option<String> {
     v.as_str().or_else(|| v["content"].as_str()).map(str::to_string)
@@ -162,6 +180,17 @@ mod tests {
         assert_eq!(chat_template(&named).as_deref(), Some("b"));
         assert_eq!(chat_template(&json!({"chat_template": "c"})).as_deref(), Some("c"));
         assert_eq!(chat_template(&json!({})), None);
+    }
+
+    #[test]
+    fn bos_added_by_the_post_processor() {
+        let template = json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]});
+        assert!(post_processor_adds(&template, "<|begin_of_text|>"));
+        assert!(!post_processor_adds(&template, "<s>"));
+        assert!(post_processor_adds(&json!({"type": "Sequence", "processors": [{"type": "ByteLevel"}, template]}), "<|begin_of_text|>"));
+        assert!(!post_processor_adds(&json!({"type": "ByteLevel"}), "<|begin_of_text|>"));
+        assert!(!post_processor_adds(&Value::Null, "<|begin_of_text|>"));
     }
 
     #[test]

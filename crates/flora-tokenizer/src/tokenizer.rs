@@ -159,8 +159,8 @@ impl Tokenizer {
         add_bos: bool,
         chat_template: Option<String>,
     ) -> Self {
-        // Later duplicates win, as in llama.cpp.
-        let token_to_id = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        // Later duplicates win, as in llama.cpp; ids a vocabulary leaves out (empty) are not names.
+        let token_to_id = tokens.iter().enumerate().filter(|(_, t)| !t.is_empty()).map(|(i, t)| (t.clone(), i as u32)).collect();
         Self { inner, tokens, token_bytes, special, token_to_id, pre, bos_id, eos_id, pad_id, add_bos, chat_template }
     }
 

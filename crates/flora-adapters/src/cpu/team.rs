@@ -8,12 +8,23 @@
 //! team (the caller included) claims its iterations with one atomic add, and the caller waits
 //! for the last to finish. Outside a team, [`par_for`] is rayon's parallel loop.
 //!
+//! Helpers are rayon jobs. A worker blocked in a rayon `join` (a loop body that uses rayon)
+//! may pick one up and so stop serving the work the body waits for; a helper therefore leaves
+//! after [`IDLE_LIMIT`] without a new loop, and [`par_for`] spawns helpers again when too few
+//! are left.
+//!
 //! A CUDA build needs none of this (a step is a stream of kernel launches); the interface is
 //! the two functions.
 
 use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A helper with no new loop for this long returns to the pool (a step's loops come every few
+/// tens of microseconds; see the module notes for why helpers must not wait forever).
+pub const IDLE_LIMIT: Duration = Duration::from_millis(1);
 
 use rayon::prelude::*;
 
@@ -41,6 +52,10 @@ struct Team {
     active: Line<AtomicUsize>,
     panicked: AtomicBool,
     stop: Line<AtomicBool>,
+    /// Helper jobs spawned and not yet returned.
+    helpers: Line<AtomicUsize>,
+    /// Helpers the team keeps: the pool's other workers.
+    want: usize,
 }
 
 thread_local! {
@@ -55,23 +70,24 @@ pub fn with_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if threads <= 1 || !CURRENT.with(Cell::get).is_null() {
         return f();
     }
-    let team = Team {
-        job: Line(AtomicPtr::new(ptr::null_mut())),
-        epoch: Line(AtomicUsize::new(0)),
-        n: Line(AtomicUsize::new(0)),
-        next: Line(AtomicUsize::new(0)),
-        done: Line(AtomicUsize::new(0)),
-        active: Line(AtomicUsize::new(0)),
-        panicked: AtomicBool::new(false),
-        stop: Line(AtomicBool::new(false)),
-    };
-    rayon::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|_| team.help());
-        }
+    // On a worker of the pool (rayon injects the call when it comes from outside).
+    rayon::scope(|_| {
+        let team = Arc::new(Team {
+            job: Line(AtomicPtr::new(ptr::null_mut())),
+            epoch: Line(AtomicUsize::new(0)),
+            n: Line(AtomicUsize::new(0)),
+            next: Line(AtomicUsize::new(0)),
+            done: Line(AtomicUsize::new(0)),
+            active: Line(AtomicUsize::new(0)),
+            panicked: AtomicBool::new(false),
+            stop: Line(AtomicBool::new(false)),
+            helpers: Line(AtomicUsize::new(0)),
+            want: threads - 1,
+        });
+        Team::top_up(&team);
         // However `f` ends, this thread leaves the team and the helpers stop.
         let _stop = Stop(&team);
-        let _lead = Restore(CURRENT.with(|c| c.replace(&team)));
+        let _lead = Restore(CURRENT.with(|c| c.replace(Arc::as_ptr(&team))));
         f()
     })
 }
@@ -88,8 +104,14 @@ pub fn par_for(n: usize, body: impl Fn(usize) + Sync + Send) {
         (0..n).into_par_iter().for_each(body);
         return;
     }
-    // SAFETY: CURRENT points at a team alive for the whole `with_team` call on this thread.
-    let team = unsafe { &*team };
+    // SAFETY: CURRENT points at a team that `with_team` keeps alive (an `Arc`) while it is set.
+    let team = unsafe {
+        Arc::increment_strong_count(team);
+        Arc::from_raw(team)
+    };
+    if team.helpers.0.load(SeqCst) < team.want {
+        Team::top_up(&team);
+    }
     let body: Body = &body;
     // Nested loops in the body run on rayon, not on this team.
     let _lead = Restore(CURRENT.with(|c| c.replace(ptr::null())));
@@ -114,6 +136,15 @@ pub fn par_for(n: usize, body: impl Fn(usize) + Sync + Send) {
 }
 
 impl Team {
+    /// Spawns helpers until `want` are running or queued.
+    fn top_up(team: &Arc<Team>) {
+        while team.helpers.0.load(SeqCst) < team.want {
+            team.helpers.0.fetch_add(1, SeqCst);
+            let t = team.clone();
+            rayon::spawn(move || t.help());
+        }
+    }
+
     /// Claims and runs iterations of the current loop until none is left.
     fn work(&self, body: Body) {
         let n = self.n.0.load(SeqCst);
@@ -130,22 +161,32 @@ impl Team {
     }
 
     /// A helper's loop: join each published loop once; between loops run any rayon work
-    /// queued in the pool (nested loops of a body), else spin.
+    /// queued in the pool (nested loops of a body), else spin; leave when the team stops or
+    /// after [`IDLE_LIMIT`] without a loop.
     fn help(&self) {
         let (mut seen, mut idle) = (0, 0u32);
+        let mut idle_since: Option<Instant> = None;
         while !self.stop.0.load(Acquire) {
             let epoch = self.epoch.0.load(Acquire);
             if epoch == seen {
                 // Watch the epoch closely (a loop starts every few tens of microseconds in a
-                // decode step); only now and then look for queued rayon work, which is slower.
+                // decode step); only now and then look for queued rayon work, which is slower,
+                // and at the clock.
                 idle += 1;
-                if idle % 64 == 0 && rayon::yield_now() == Some(rayon::Yield::Executed) {
-                    idle = 0;
+                if idle % 64 == 0 {
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        idle_since = None;
+                        continue;
+                    }
+                    let now = Instant::now();
+                    if now.duration_since(*idle_since.get_or_insert(now)) > IDLE_LIMIT {
+                        break;
+                    }
                 }
                 std::hint::spin_loop();
                 continue;
             }
-            idle = 0;
+            idle_since = None;
             seen = epoch;
             self.active.0.fetch_add(1, SeqCst);
             let job = self.job.0.load(SeqCst) as *const Body;
@@ -157,6 +198,7 @@ impl Team {
             }
             self.active.0.fetch_sub(1, SeqCst);
         }
+        self.helpers.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -213,6 +255,34 @@ mod tests {
             });
         });
         assert_eq!(sum.load(SeqCst), (0..64).sum::<usize>() + 8000);
+    }
+
+    /// Bodies that use rayon, in a pool of more threads than loops need: a worker waiting in a
+    /// `join` may pick up a helper job; the helper leaves when idle, so every loop completes.
+    #[test]
+    fn bodies_that_use_rayon_complete_in_larger_pools() {
+        for threads in [3, 4, 8] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let sum = AtomicUsize::new(0);
+                pool.install(|| {
+                    with_team(|| {
+                        for _ in 0..20 {
+                            par_for(64, |i| {
+                                (0..8).into_par_iter().for_each(|j| {
+                                    std::thread::sleep(Duration::from_micros(20));
+                                    sum.fetch_add(i * 8 + j, SeqCst);
+                                });
+                            });
+                        }
+                    })
+                });
+                tx.send(sum.load(SeqCst)).unwrap();
+            });
+            let got = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|_| panic!("{threads} threads: the loops did not complete"));
+            assert_eq!(got, 20 * (0..512).sum::<usize>());
+        }
     }
 
     #[test]
