@@ -221,18 +221,9 @@ impl LayerAdapters {
     /// weights. Every path computes with the same values, so a row's result does not depend on
     /// how its sequence was batched or chunked (up to f32 summation order).
     pub fn with_bf16_tables(&self) -> Result<Self> {
-        use rayon::prelude::*;
-        const CHUNK: usize = 1 << 15;
         let (halves, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
-            let mut halves = vec![0u16; values.len()];
-            let mut rounded = vec![0f32; values.len()];
-            halves.par_chunks_mut(CHUNK).zip(rounded.par_chunks_mut(CHUNK)).zip(values.par_chunks(CHUNK)).for_each(|((h, r), v)| {
-                crate::cpu::bf16::round_slice(h, v);
-                for (r, &h) in r.iter_mut().zip(h.iter()) {
-                    *r = crate::cpu::bf16::bf16_to_f32(h);
-                }
-            });
-            Ok((halves, rounded))
+            let mut rounded = values.to_vec();
+            Ok((crate::cpu::bf16::round_in_place(&mut rounded), rounded))
         })?;
         let params = Tensor::from_vec(rounded, self.params.elem_count(), self.params.device())?;
         Ok(Self { params, bf16: Some(halves.into()), ..self.clone() })
@@ -289,8 +280,8 @@ fn slot_layout(layer: &str, adapter: &str, d_in: usize, d_out: usize, w: &Adapte
 }
 
 /// One adapter's values at one projection, checked and laid out as a packed table holds them
-/// ([`LayerAdapters::from_parts`] copies them in): the serving engine prepares each adapter
-/// once when it first gets a slot, so changing slots later is a memory copy.
+/// ([`LayerAdapters::from_parts`] copies them in): the serving store prepares each adapter
+/// once when it loads it, so changing the engine's slots later is a memory copy.
 #[derive(Clone, Debug)]
 pub struct SlotParts {
     spec: SlotSpec,
@@ -311,14 +302,7 @@ impl SlotParts {
         for part in &parts {
             values.extend(part.flatten_all()?.to_vec1::<f32>()?);
         }
-        let halves = bf16.then(|| {
-            let mut h = vec![0u16; values.len()];
-            crate::cpu::bf16::round_slice(&mut h, &values);
-            for (v, &h) in values.iter_mut().zip(&h) {
-                *v = crate::cpu::bf16::bf16_to_f32(h);
-            }
-            Arc::<[u16]>::from(h)
-        });
+        let halves = bf16.then(|| Arc::from(crate::cpu::bf16::round_in_place(&mut values)));
         Ok(Self { spec, d_in, d_out, values: values.into(), halves })
     }
 

@@ -54,11 +54,6 @@ impl PreparedAdapter {
         Ok(Self { bf16, parts })
     }
 
-    /// An adapter with no weights (an empty slot: the base model everywhere).
-    pub fn empty(bf16: bool) -> Self {
-        Self { bf16, parts: BTreeMap::new() }
-    }
-
     /// Bytes held by the prepared values.
     pub fn bytes(&self) -> usize {
         self.parts.values().map(SlotParts::bytes).sum()

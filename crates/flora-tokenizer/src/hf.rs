@@ -20,12 +20,13 @@ use crate::Tokenizer;
 /// Builds the tokenizer of the checkpoint in `dir`.
 pub(crate) fn load(dir: &Path) -> Result<Tokenizer> {
     let json_path = dir.join("tokenizer.json");
-    let json = read_json(&json_path)?.ok_or_else(|| Error::HfFile {
+    let text = read_text(&json_path)?.ok_or_else(|| Error::HfFile {
         path: json_path.clone(),
         message: "missing: a safetensors checkpoint needs its tokenizer.json beside config.json".into(),
     })?;
+    let json = parse_json(&json_path, &text)?;
     check_byte_level_bpe(&json_path, &json)?;
-    let inner = tokenizers::Tokenizer::from_file(&json_path).map_err(|e| Error::HfFile { path: json_path.clone(), message: e.to_string() })?;
+    let inner: tokenizers::Tokenizer = text.parse().map_err(|e: tokenizers::Error| Error::HfFile { path: json_path.clone(), message: e.to_string() })?;
 
     // id -> vocabulary string; ids the file leaves out stay empty and decode to nothing.
     let vocab = inner.get_vocab(true);
@@ -41,18 +42,12 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer> {
             t.clone_from(&a.content);
         }
     }
-    let mut special = vec![false; n];
+    let special = (0..n as u32).map(|id| added.get(&id).is_some_and(|a| a.special)).collect();
+    // Added tokens are literal text, matched before BPE (`tokens` holds their content).
     let token_bytes = tokens
         .iter()
         .enumerate()
-        .map(|(id, t)| match added.get(&(id as u32)) {
-            // Added tokens are literal text, matched before BPE.
-            Some(a) => {
-                special[id] = a.special;
-                a.content.as_bytes().to_vec()
-            }
-            None => byte_level::decode_token(t),
-        })
+        .map(|(id, t)| if added.contains_key(&(id as u32)) { t.as_bytes().to_vec() } else { byte_level::decode_token(t) })
         .collect();
 
     let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
@@ -110,12 +105,20 @@ pub(crate) fn save(tok: &Tokenizer, dir: &Path) -> Result<()> {
 
 /// The parsed JSON of `path`, or `None` if the file does not exist.
 fn read_json(path: &Path) -> Result<Option<Value>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(Error::Io { path: path.to_path_buf(), source }),
-    };
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::HfFile { path: path.to_path_buf(), message: format!("not valid JSON: {e}") })
+    read_text(path)?.map(|text| parse_json(path, &text)).transpose()
+}
+
+/// The text of `path`, or `None` if the file does not exist.
+fn read_text(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io { path: path.to_path_buf(), source }),
+    }
+}
+
+fn parse_json(path: &Path, text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| Error::HfFile { path: path.to_path_buf(), message: format!("not valid JSON: {e}") })
 }
 
 /// Refuses tokenizers whose token bytes this crate cannot read (SentencePiece-style `▁`

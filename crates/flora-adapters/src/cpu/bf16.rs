@@ -182,6 +182,17 @@ pub fn round_slice(out: &mut [u16], x: &[f32]) {
     }
 }
 
+/// Rounds `values` to bf16 in place (kept as f32) and returns the same values as bf16 bits:
+/// an adapter table for bf16 inference, where every path must read the same numbers.
+pub fn round_in_place(values: &mut [f32]) -> Vec<u16> {
+    let mut halves = vec![0u16; values.len()];
+    round_slice(&mut halves, values);
+    for (v, &h) in values.iter_mut().zip(&halves) {
+        *v = bf16_to_f32(h);
+    }
+    halves
+}
+
 /// Parallel chunks of a GEMM per thread.
 const CHUNKS_PER_THREAD: usize = 4;
 

@@ -66,7 +66,7 @@ pub fn matmul_rows(
     // Threads pay off once there is enough arithmetic, or enough weight to stream (decode at
     // batch 1 is bandwidth-bound: two cores pull more bytes than one).
     let (flops, b_bytes) = (2 * m * n * k, 4 * k * n);
-    // Threads claim chunks as they come free (see `team`), a few per thread.
+    // One chunk per thread (more made batch-1 f32 decode slower), claimed through `team`.
     let n_chunks = if flops < (1 << 20) && b_bytes < (1 << 19) { 1 } else { super::matmul::n_threads().min(n_panels) };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let cp = SendPtr(c.as_mut_ptr());

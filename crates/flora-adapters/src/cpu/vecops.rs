@@ -11,7 +11,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// [`dot`] with `a` given as bf16 bits (widened exactly to f32).
 #[inline]
 pub fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
-    dot_widened(a, b, |x| f32::from_bits((x as u32) << 16))
+    dot_widened(a, b, super::bf16::bf16_to_f32)
 }
 
 #[inline(always)]
@@ -71,7 +71,7 @@ pub fn exp_in_place(xs: &mut [f32]) {
 /// `y += alpha * x` with `x` given as bf16 bits.
 #[inline]
 pub fn axpy_bf16(y: &mut [f32], alpha: f32, x: &[u16]) {
-    axpy_widened(y, alpha, x, |v| f32::from_bits((v as u32) << 16))
+    axpy_widened(y, alpha, x, super::bf16::bf16_to_f32)
 }
 
 /// `y += alpha * x`.
