@@ -59,11 +59,72 @@ pub fn ragged_attention(
     let mut out = vec![0f32; row_owner.len() * qd];
     let q = &*q;
     let shape = RowShape { n_heads, rep, hd, kd, scale };
+    let threads = flora_adapters::cpu::matmul::n_threads();
+    if row_owner.len() < threads {
+        // Fewer rows than threads (batch-1 decode): split each row's positions instead.
+        for (row, (o, &(si, pos))) in out.chunks_exact_mut(qd).zip(&row_owner).enumerate() {
+            let (kc, vc) = (&caches[si].k[layer][..(pos + 1) * kd], &caches[si].v[layer][..(pos + 1) * kd]);
+            attend_row_split(o, &q[row * qd..(row + 1) * qd], kc, vc, shape, threads);
+        }
+        return out;
+    }
     out.par_chunks_mut(qd).zip(row_owner.par_iter()).enumerate().for_each(|(row, (o, &(si, pos)))| {
         let (kc, vc) = (&caches[si].k[layer][..(pos + 1) * kd], &caches[si].v[layer][..(pos + 1) * kd]);
         attend_row(o, &q[row * qd..(row + 1) * qd], kc, vc, shape);
     });
     out
+}
+
+/// Positions below which a row is not split (the hand-off would cost more than it saves).
+const SPLIT_MIN_POSITIONS: usize = 64;
+
+/// One query row with its positions split into up to `parts` ranges attended in parallel (the
+/// step's team, see `flora_adapters::cpu::team`), each with its own softmax state, then merged
+/// exactly: flash-decoding on the CPU.
+fn attend_row_split(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape, parts: usize) {
+    let positions = kc.len() / shape.kd;
+    let parts = parts.min(positions / SPLIT_MIN_POSITIONS);
+    if parts <= 1 {
+        return attend_row(o, q, kc, vc, shape);
+    }
+    let qd = shape.n_heads * shape.hd;
+    let per_part = positions.div_ceil(parts);
+    // Part i's unnormalized output `[n_heads * hd]` and its per-head softmax states.
+    let results: Vec<std::sync::Mutex<(Vec<f32>, Vec<Softmax>)>> =
+        (0..parts).map(|_| std::sync::Mutex::new((vec![0f32; qd], vec![Softmax::EMPTY; shape.n_heads]))).collect();
+    flora_adapters::cpu::team::par_for(parts, |i| {
+        let (j0, j1) = (i * per_part, ((i + 1) * per_part).min(positions));
+        let (kd, mut guard) = (shape.kd, results[i].lock().expect("one writer per part"));
+        let (po, ps) = &mut *guard;
+        attend_part(po, ps, q, &kc[j0 * kd..j1 * kd], &vc[j0 * kd..j1 * kd], shape);
+    });
+    let results: Vec<(Vec<f32>, Vec<Softmax>)> = results.into_iter().map(|m| m.into_inner().expect("parts finished")).collect();
+    for h in 0..shape.n_heads {
+        let max = results.iter().fold(f32::NEG_INFINITY, |m, (_, s)| m.max(s[h].max));
+        let oh = &mut o[h * shape.hd..(h + 1) * shape.hd];
+        oh.fill(0.0);
+        let mut sum = 0f32;
+        for (po, ps) in &results {
+            let w = (ps[h].max - max).exp();
+            sum += ps[h].sum * w;
+            axpy(oh, w, &po[h * shape.hd..(h + 1) * shape.hd]);
+        }
+        for v in oh.iter_mut() {
+            *v /= sum;
+        }
+    }
+}
+
+/// The softmax state of one head over some positions: the largest scaled score, and the sum
+/// of `e^(score - max)` (the weights the unnormalized output was summed with).
+#[derive(Clone, Copy, Debug)]
+struct Softmax {
+    max: f32,
+    sum: f32,
+}
+
+impl Softmax {
+    const EMPTY: Softmax = Softmax { max: f32::NEG_INFINITY, sum: 0.0 };
 }
 
 /// Shapes one query row needs: `rep` query heads share each KV head.
@@ -80,28 +141,42 @@ struct RowShape {
 /// twice: with AVX-512 enabled where the CPU has it (16-lane dots, exp and weighted sums; the
 /// build's baseline is AVX2), else for the baseline.
 fn attend_row(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
-    debug_assert!(q.len() >= shape.n_heads * shape.hd && o.len() >= shape.n_heads * shape.hd && kc.len() == vc.len() && kc.len() % shape.kd == 0);
+    let mut states = vec![Softmax::EMPTY; shape.n_heads];
+    attend_part(o, &mut states, q, kc, vc, shape);
+    for (oh, s) in o.chunks_exact_mut(shape.hd).zip(&states) {
+        let inv = 1.0 / s.sum;
+        for v in oh.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// One query row against some positions of its sequence (`kc`, `vc` `[positions, kd]`, at
+/// least one): `o [n_heads * hd]` gets each head's output with weights `e^(score - max)`, not
+/// yet divided by their sum; `states[h]` gets that max and sum.
+fn attend_part(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+    debug_assert!(q.len() >= shape.n_heads * shape.hd && o.len() >= shape.n_heads * shape.hd && kc.len() == vc.len() && kc.len() % shape.kd == 0 && !kc.is_empty());
     #[cfg(target_arch = "x86_64")]
     if flora_adapters::cpu::has_avx512() {
         if shape.hd == 64 {
             // SAFETY: the CPU has AVX-512F (checked at run time); slices hold whole rows.
-            return unsafe { x86::attend_row_hd64(o, q, kc, vc, shape) };
+            return unsafe { x86::attend_part_hd64(o, states, q, kc, vc, shape) };
         }
         // SAFETY: as above.
-        return unsafe { x86::attend_row_avx512(o, q, kc, vc, shape) };
+        return unsafe { x86::attend_part_avx512(o, states, q, kc, vc, shape) };
     }
-    attend_row_body(o, q, kc, vc, shape)
+    attend_part_body(o, states, q, kc, vc, shape)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{attend_row_body, softmax_weights, RowShape};
+    use super::{attend_part_body, softmax_weights, RowShape, Softmax};
     use std::arch::x86_64::*;
 
     /// The portable body compiled with AVX-512 enabled.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend_row_avx512(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
-        attend_row_body(o, q, kc, vc, shape)
+    pub unsafe fn attend_part_avx512(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+        attend_part_body(o, states, q, kc, vc, shape)
     }
 
     /// Rows ahead to prefetch: a batch's caches are far larger than L2.
@@ -125,7 +200,7 @@ mod x86 {
     /// cache rows, every head from each row (whole rows, in order: what the prefetchers follow
     /// best when the caches come from memory); query heads are loaded from L1.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend_row_hd64(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+    pub unsafe fn attend_part_hd64(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
         const HD: usize = 64;
         let RowShape { n_heads, rep, kd, scale, .. } = shape;
         let n_kv = n_heads / rep;
@@ -146,10 +221,9 @@ mod x86 {
                 }
             }
         }
-        let mut inv_total = vec![0f32; n_heads];
         // A plain loop, not a closure: keeps the vectorized exp inlined into this AVX-512 function.
-        for (t, ph) in inv_total.iter_mut().zip(p.chunks_exact_mut(positions)) {
-            *t = softmax_weights(ph);
+        for (st, ph) in states.iter_mut().zip(p.chunks_exact_mut(positions)) {
+            *st = softmax_weights(ph);
         }
         let o = &mut o[..n_heads * HD];
         o.fill(0.0);
@@ -167,27 +241,22 @@ mod x86 {
                 }
             }
         }
-        for (h, oh) in o.chunks_exact_mut(HD).enumerate() {
-            for v in oh.iter_mut() {
-                *v *= inv_total[h];
-            }
-        }
     }
 }
 
-/// Scores to unnormalized softmax weights `e^(s - max)`, in place; returns `1 / sum`.
+/// Scores to unnormalized softmax weights `e^(s - max)`, in place; returns max and sum.
 #[inline(always)]
-fn softmax_weights(scores: &mut [f32]) -> f32 {
+fn softmax_weights(scores: &mut [f32]) -> Softmax {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for s in scores.iter_mut() {
         *s -= max;
     }
     exp_in_place(scores);
-    1.0 / scores.iter().sum::<f32>()
+    Softmax { max, sum: scores.iter().sum::<f32>() }
 }
 
 #[inline(always)]
-fn attend_row_body(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+fn attend_part_body(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
     let RowShape { n_heads, rep, hd, kd, scale } = shape;
     let positions = kc.len() / kd;
     let mut p = vec![0f32; positions];
@@ -197,16 +266,16 @@ fn attend_row_body(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowS
         for (s, kj) in p.iter_mut().zip(kc.chunks_exact(kd)) {
             *s = dot(qh, &kj[kvh * hd..(kvh + 1) * hd]) * scale;
         }
-        let inv_total = softmax_weights(&mut p);
-        weighted_rows(&mut o[h * hd..(h + 1) * hd], &p, &vc[kvh * hd..], kd, inv_total);
+        states[h] = softmax_weights(&mut p);
+        weighted_rows(&mut o[h * hd..(h + 1) * hd], &p, &vc[kvh * hd..], kd);
     }
 }
 
-/// `out = scale * sum_j p[j] * v[j * stride .. j * stride + out.len()]`. Accumulates 16 lanes
+/// `out = sum_j p[j] * v[j * stride .. j * stride + out.len()]`. Accumulates 16 lanes
 /// of `out` at a time in a fixed-size array the compiler keeps in a register across all `j`,
 /// instead of a load and store of `out` per row of `v`.
 #[inline(always)]
-fn weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], stride: usize, scale: f32) {
+fn weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
     const L: usize = 16;
     let hd = out.len();
     let mut c = 0;
@@ -219,14 +288,14 @@ fn weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], stride: usize, scale: f3
             }
         }
         for l in 0..L {
-            out[c + l] = acc[l] * scale;
+            out[c + l] = acc[l];
         }
         c += L;
     }
     if c < hd {
         out[c..].fill(0.0);
         for (j, &w) in p.iter().enumerate() {
-            axpy(&mut out[c..], w * scale, &v[j * stride + c..j * stride + hd]);
+            axpy(&mut out[c..], w, &v[j * stride + c..j * stride + hd]);
         }
     }
 }
@@ -260,7 +329,7 @@ mod tests {
         // (heads, kv heads, head dim): SmolLM2's GQA, plain multi-head, wide groups, and a head
         // size the vectorized kernel does not take.
         for (n_heads, n_kv, hd) in [(9, 3, 64), (4, 4, 64), (8, 2, 64), (6, 2, 24)] {
-            for positions in [1, 2, 17, 140] {
+            for positions in [1, 2, 17, 140, 500] {
                 let kd = n_kv * hd;
                 let s = RowShape { n_heads, rep: n_heads / n_kv, hd, kd, scale: 1.0 / (hd as f32).sqrt() };
                 let q: Vec<f32> = (0..n_heads * hd).map(|i| val(i, 1)).collect();
@@ -270,10 +339,22 @@ mod tests {
                 let mut fast = vec![f32::NAN; n_heads * hd];
                 attend_row(&mut fast, &q, &kc, &vc, s);
                 let mut portable = vec![f32::NAN; n_heads * hd];
-                attend_row_body(&mut portable, &q, &kc, &vc, s);
+                let mut states = vec![Softmax::EMPTY; n_heads];
+                attend_part_body(&mut portable, &mut states, &q, &kc, &vc, s);
+                for (oh, st) in portable.chunks_exact_mut(hd).zip(&states) {
+                    oh.iter_mut().for_each(|v| *v /= st.sum);
+                }
                 for (i, w) in want.iter().enumerate() {
                     assert!((fast[i] - w).abs() < 1e-5, "{n_heads}/{n_kv}/{hd}, {positions} positions, [{i}]: {} vs {w}", fast[i]);
                     assert!((portable[i] - w).abs() < 1e-5, "portable {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", portable[i]);
+                }
+                // Positions split into parts (batch-1 decode), merged: the same output.
+                for parts in [2, 3, 7] {
+                    let mut split = vec![f32::NAN; n_heads * hd];
+                    attend_row_split(&mut split, &q, &kc, &vc, s, parts);
+                    for (i, w) in want.iter().enumerate() {
+                        assert!((split[i] - w).abs() < 1e-5, "{parts} parts, {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", split[i]);
+                    }
                 }
             }
         }

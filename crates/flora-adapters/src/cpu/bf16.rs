@@ -193,9 +193,6 @@ pub fn round_in_place(values: &mut [f32]) -> Vec<u16> {
     halves
 }
 
-/// Parallel chunks of a GEMM per thread.
-const CHUNKS_PER_THREAD: usize = 4;
-
 thread_local! {
     static A_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -224,22 +221,22 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &Pack
         let flops = 2 * m * n * k;
         // Split once there is enough arithmetic or enough weight to stream: a decode step's
         // k and v projections (220 KB in bf16) already stream faster on two cores.
-        // Threads claim chunks as they come free (see `team`): a few per thread even out a
-        // late start or a slower share of memory bandwidth.
-        let n_chunks = if flops < (1 << 20) && w.bytes() < (1 << 17) {
-            1
+        // Threads claim ranges of panels as they come free (see `team`), large ones first and
+        // single panels last, so neither waits long on the other's last range.
+        let threads = super::matmul::n_threads();
+        let ranges = if flops < (1 << 20) && w.bytes() < (1 << 17) || threads == 1 {
+            vec![(0, panels)]
         } else {
-            (CHUNKS_PER_THREAD * super::matmul::n_threads()).min(panels)
+            super::team::guided_ranges(panels, threads, 1)
         };
-        let per_chunk = panels.div_ceil(n_chunks);
         let cp = SendPtr(c.as_mut_ptr());
         let run = |chunk: usize| {
-            let (p0, p1) = (chunk * per_chunk, ((chunk + 1) * per_chunk).min(panels));
+            let (p0, p1) = ranges[chunk];
             let cp = cp;
-            // SAFETY: chunks write disjoint column ranges of C, inside the bounds asserted above.
+            // SAFETY: ranges write disjoint column ranges of C, inside the bounds asserted above.
             unsafe { run_panels(cp.0, ldc, a16, m, w, p0, p1) };
         };
-        super::team::par_for(n_chunks, run);
+        super::team::par_for(ranges.len(), run);
     });
 }
 

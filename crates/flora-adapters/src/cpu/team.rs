@@ -135,6 +135,23 @@ pub fn par_for(n: usize, body: impl Fn(usize) + Sync + Send) {
     }
 }
 
+/// Splits `0..items` into ranges for [`par_for`] that shrink as the work runs out (guided
+/// scheduling): each range takes `1 / (2 * threads)` of what is left, at least `min` items. The
+/// first claims are large (few atomic claims per loop), the last small, so the threads finish
+/// within about one small range of each other instead of one waiting on the other's last
+/// large chunk.
+pub fn guided_ranges(items: usize, threads: usize, min: usize) -> Vec<(usize, usize)> {
+    let (min, share) = (min.max(1), 2 * threads.max(1));
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    while start < items {
+        let len = (items - start).div_ceil(share).max(min).min(items - start);
+        ranges.push((start, start + len));
+        start += len;
+    }
+    ranges
+}
+
 impl Team {
     /// Spawns helpers until `want` are running or queued.
     fn top_up(team: &Arc<Team>) {
@@ -223,6 +240,31 @@ impl Drop for Stop<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guided_ranges_cover_everything_in_shrinking_ranges() {
+        for (items, threads, min) in [(0, 2, 1), (1, 2, 1), (12, 2, 1), (1024, 2, 1), (1024, 8, 4), (7, 1, 1), (100, 3, 50)] {
+            let r = guided_ranges(items, threads, min);
+            let mut next = 0;
+            for (i, &(a, b)) in r.iter().enumerate() {
+                assert_eq!(a, next, "{items}/{threads}: ranges must tile in order");
+                assert!(b > a, "{items}/{threads}: empty range");
+                assert!(b - a >= min.min(items - a), "{items}/{threads}: range under min");
+                if i > 0 {
+                    assert!(b - a <= r[i - 1].1 - r[i - 1].0, "{items}/{threads}: ranges must shrink");
+                }
+                next = b;
+            }
+            assert_eq!(next, items);
+            if items >= 4 * threads * min {
+                // The last ranges are small: at most min items (+ rounding) each.
+                assert!(r.last().map_or(0, |&(a, b)| b - a) <= min.max(1), "{items}/{threads}: {r:?}");
+                assert!(r.first().map_or(0, |&(a, b)| b - a) <= items.div_ceil(2 * threads), "{r:?}");
+            }
+        }
+        // Large loops take few claims: about 2 * threads * ln(items) ranges.
+        assert!(guided_ranges(1024, 2, 1).len() <= 40);
+    }
 
     #[test]
     fn every_iteration_runs_once_in_and_out_of_a_team() {
