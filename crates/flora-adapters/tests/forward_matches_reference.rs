@@ -176,3 +176,31 @@ fn identity_initializations_give_the_base_output() {
         }
     }
 }
+
+#[test]
+fn bf16_lora_beside_the_gemm_matches_the_reference() {
+    // LoRA (every rank) and IA3-out only: every row enters the base GEMM unchanged, so decode
+    // rows' LoRA runs beside the bf16 GEMM (bf16 tables, inputs rounded to bf16). The adapters'
+    // contribution (output minus the base-only output) must match the reference's within bf16
+    // precision of that contribution, not merely of the whole output.
+    let mut kinds: Vec<Kind> = [1, 2, 3, 4, 8, 16, 33, 64].into_iter().map(Kind::Lora).collect();
+    kinds.push(Kind::Ia3Out);
+    for (d_in, d_out, n_rows) in [(577, 129, 1), (64, 64, 32), (576, 1536, 9), (1536, 576, 33)] {
+        let fx = Fixture::new(d_in, d_out, &kinds, 40);
+        for (pi, pattern) in PATTERNS.iter().enumerate() {
+            let batch = AdapterBatch::from_row_slots(rows_for(*pattern, n_rows, kinds.len(), 41 + pi as u64));
+            let base_only = AdapterBatch::base_only(n_rows);
+            let x = random_input(n_rows, d_in, 42 + pi as u64);
+            let got = run_in(&fx, &x, &batch, FloraPolicy::Auto, WeightFormat::Bf16);
+            let got_base = run_in(&fx, &x, &base_only, FloraPolicy::Auto, WeightFormat::Bf16);
+            let (want, want_base) = (fx.reference(&x, &batch), fx.reference(&x, &base_only));
+            let delta = |a: f64, b: f64| a - b;
+            let scale = want.iter().zip(&want_base).fold(1e-6f64, |m, (w, b)| m.max(delta(*w, *b).abs()));
+            let err = (0..got.len())
+                .map(|i| (delta(got[i] as f64, got_base[i] as f64) - delta(want[i], want_base[i])).abs())
+                .fold(0.0, f64::max)
+                / scale;
+            assert!(err < 2e-2, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}: adapter terms off by {err} of the largest");
+        }
+    }
+}

@@ -182,6 +182,26 @@ pub fn round_slice(out: &mut [u16], x: &[f32]) {
     }
 }
 
+/// `sum_i bf16(a[i]) * x[i]` where `xw` holds x rounded to bf16 pairs (as [`round_rows`]
+/// writes them): an adapter table row against a projection input in bf16 inference, with
+/// `vdpbf16ps` where the CPU has it (two products per lane and instruction, no widening).
+pub fn dot_pairs(a: &[u16], xw: &[u32]) -> f32 {
+    let k = a.len();
+    assert!(xw.len() * 2 >= k, "bf16 dot_pairs: {} pairs for {k} values", xw.len());
+    #[allow(unused_mut)]
+    let (mut sum, mut done) = (0f32, 0);
+    #[cfg(target_arch = "x86_64")]
+    if has_native_bf16() {
+        // SAFETY: the CPU has AVX512-BF16; the kernel reads a[..done] and xw[..done / 2].
+        (sum, done) = unsafe { x86::dot_pairs(a, xw) };
+    }
+    for (i, &ai) in a.iter().enumerate().skip(done) {
+        let w = xw[i / 2];
+        sum += bf16_to_f32(ai) * bf16_to_f32(if i % 2 == 0 { w as u16 } else { (w >> 16) as u16 });
+    }
+    sum
+}
+
 /// Rounds `values` to bf16 in place (kept as f32) and returns the same values as bf16 bits:
 /// an adapter table for bf16 inference, where every path must read the same numbers.
 pub fn round_in_place(values: &mut [f32]) -> Vec<u16> {
@@ -204,40 +224,83 @@ unsafe impl Sync for SendPtr {}
 
 /// `c [m, n] (row stride ldc) = a [m, k] (row stride lda) · W`, overwriting `c`.
 pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &PackedBf16) {
-    let (k, n, kp) = (w.k, w.n, w.kp);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!((m - 1) * lda + k <= a.len(), "bf16 gemm: A out of bounds");
-    assert!((m - 1) * ldc + n <= c.len(), "bf16 gemm: C out of bounds");
-    A_BF16.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        if buf.len() < m * kp {
-            buf.resize(m * kp, 0);
+    let parts = GemmParts::new(c, ldc, a, lda, m, w);
+    super::team::par_for(parts.len(), |_| {
+        parts.run_next();
+    });
+}
+
+/// A bf16 GEMM (as [`gemm`]) prepared to run in parts: column ranges of C, each claimed by
+/// whichever thread calls [`GemmParts::run_next`] first (any number may, concurrently). Lets a
+/// caller run other work beside the GEMM on the same threads.
+pub struct GemmParts<'a> {
+    c: SendPtr,
+    ldc: usize,
+    /// A's rows rounded to bf16 pairs, `[m, kp]` (the thread-local buffer, returned on drop).
+    a16: Vec<u32>,
+    m: usize,
+    w: &'a PackedBf16,
+    /// Panel ranges `(p0, p1)`, large first and single panels last: threads claim them as
+    /// they come free and finish within about one panel of each other.
+    ranges: Vec<(usize, usize)>,
+    next: std::sync::atomic::AtomicUsize,
+    _c: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> GemmParts<'a> {
+    pub fn new(c: &'a mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &'a PackedBf16) -> Self {
+        let (k, n, kp) = (w.k, w.n, w.kp);
+        assert!(m == 0 || (m - 1) * lda + k <= a.len(), "bf16 gemm: A out of bounds");
+        assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(), "bf16 gemm: C out of bounds");
+        let mut a16 = A_BF16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
+        if a16.len() < m * kp {
+            a16.resize(m * kp, 0);
         }
-        round_rows(&mut buf, a, lda, m, k);
-        let a16 = &buf[..m * kp];
-        let panels = w.panels();
+        round_rows(&mut a16, a, lda, m, k);
+        let panels = if m == 0 { 0 } else { w.panels() };
         let flops = 2 * m * n * k;
         // Split once there is enough arithmetic or enough weight to stream: a decode step's
         // k and v projections (220 KB in bf16) already stream faster on two cores.
-        // Threads claim ranges of panels as they come free (see `team`), large ones first and
-        // single panels last, so neither waits long on the other's last range.
         let threads = super::matmul::n_threads();
         let ranges = if flops < (1 << 20) && w.bytes() < (1 << 17) || threads == 1 {
             vec![(0, panels)]
         } else {
             super::team::guided_ranges(panels, threads, 1)
         };
-        let cp = SendPtr(c.as_mut_ptr());
-        let run = |chunk: usize| {
-            let (p0, p1) = ranges[chunk];
-            let cp = cp;
-            // SAFETY: ranges write disjoint column ranges of C, inside the bounds asserted above.
-            unsafe { run_panels(cp.0, ldc, a16, m, w, p0, p1) };
-        };
-        super::team::par_for(ranges.len(), run);
-    });
+        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, next: 0.into(), _c: std::marker::PhantomData }
+    }
+
+    /// Column ranges in all.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Claims the next unclaimed column range and computes it; false when none was left.
+    pub fn run_next(&self) -> bool {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(&(p0, p1)) = self.ranges.get(i) else { return false };
+        let a16 = &self.a16[..self.m * self.w.kp];
+        // SAFETY: each range is claimed once and covers its own columns of C, which `new`
+        // borrowed mutably for 'a and checked against the shapes.
+        unsafe { run_panels(self.c.0, self.ldc, a16, self.m, self.w, p0, p1) };
+        true
+    }
+}
+
+impl Drop for GemmParts<'_> {
+    fn drop(&mut self) {
+        let a16 = std::mem::take(&mut self.a16);
+        A_BF16.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < a16.len() {
+                *buf = a16;
+            }
+        });
+    }
 }
 
 /// Columns of panels `p0..p1` of C, all rows.
@@ -341,6 +404,30 @@ mod x86 {
             _mm512_storeu_si512(out.as_mut_ptr().add(16 * ch) as *mut _, packed);
         }
         chunks * 32
+    }
+
+    /// [`super::dot_pairs`] over whole 32-value chunks; returns the sum and the values done.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dot_pairs(a: &[u16], xw: &[u32]) -> (f32, usize) {
+        let chunks = a.len() / 32;
+        let (ap, xp) = (a.as_ptr(), xw.as_ptr());
+        let load_a = |c: usize| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(ap.add(32 * c) as *const _)) };
+        let load_x = |c: usize| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(xp.add(16 * c) as *const _)) };
+        // Four independent chains: one would wait on the instruction's latency.
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut c = 0;
+        while c + 4 <= chunks {
+            for (l, acc_l) in acc.iter_mut().enumerate() {
+                *acc_l = _mm512_dpbf16_ps(*acc_l, load_a(c + l), load_x(c + l));
+            }
+            c += 4;
+        }
+        while c < chunks {
+            acc[0] = _mm512_dpbf16_ps(acc[0], load_a(c), load_x(c));
+            c += 1;
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        (_mm512_reduce_add_ps(sum), chunks * 32)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -514,6 +601,21 @@ mod tests {
             let mut fast = vec![0u16; n];
             round_slice(&mut fast, &x);
             assert!(fast.iter().zip(&x).all(|(&h, &v)| h == f32_to_bf16(v)), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn pair_dots_equal_the_widened_sum() {
+        for k in [0, 1, 2, 31, 32, 33, 64, 127, 128, 129, 576, 1537] {
+            let a: Vec<u16> = rand_vec(k, 11).iter().map(|&v| f32_to_bf16(v)).collect();
+            let x = rand_vec(k, 12);
+            let mut xw = vec![0u32; k.div_ceil(2)];
+            if k > 0 {
+                round_rows(&mut xw, &x, k, 1, k);
+            }
+            let want: f64 = a.iter().zip(&x).map(|(&h, &v)| bf16_to_f32(h) as f64 * bf16_to_f32(f32_to_bf16(v)) as f64).sum();
+            let got = dot_pairs(&a, &xw) as f64;
+            assert!((got - want).abs() <= 1e-5 * (1.0 + k as f64).sqrt(), "k = {k}: {got} vs {want}");
         }
     }
 

@@ -16,7 +16,7 @@
 
 use super::bf16::PackedBf16;
 use super::matmul::{matmul, MatRef};
-use super::vecops::{axpy, axpy_bf16, dot, dot_bf16, mul_acc, mul_into, scale_by, with_scratch};
+use super::vecops::{axpy, axpy_bf16, dot, mul_acc, mul_into, scale_by, with_scratch};
 use crate::batch::Segment;
 use crate::params::SlotSpec;
 use crate::plan::{LayerPlan, SegmentExec};
@@ -51,7 +51,12 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]
     assert_eq!(x.len(), n * di, "forward: x has {} values, expected {n}x{di}", x.len());
     assert_eq!(wt.len(), di * dout, "forward: weight has {} values, expected {di}x{dout}", wt.len());
     let mut y = vec![0f32; n * dout];
-    if plan.all_direct() {
+    // Decode rows' LoRA with bf16 tables runs beside the bf16 base GEMM (see
+    // `gemm_beside_lora`); `epilogues` then leaves it out.
+    let beside = plan.all_direct() && base.bf16.is_some() && params16.is_some() && plan.segments.iter().any(|(s, e)| beside_gemm(s, e));
+    if let (true, Some(packed), Some(p16)) = (beside, base.bf16, params16) {
+        gemm_beside_lora(&mut y, x, packed, p16, plan);
+    } else if plan.all_direct() {
         base.gemm(&mut y, x, n, di, dout);
     } else {
         shared_stacked_gemm(x, base, params, plan, &mut y);
@@ -70,8 +75,69 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]
     } else {
         merged.into_iter().for_each(run);
     }
-    epilogues(x, params, params16, plan, &mut y);
+    epilogues(x, params, params16, plan, &mut y, beside);
     y
+}
+
+/// Whether a segment's LoRA runs beside the bf16 base GEMM (when the call does that at all):
+/// decode rows, which take the per-row loops of [`lora_add`].
+fn beside_gemm(seg: &Segment, exec: &SegmentExec) -> bool {
+    matches!(exec, SegmentExec::Lora(_)) && seg.len <= LORA_ROW_LOOP_MAX
+}
+
+/// Step 1 with decode rows' LoRA (bf16 tables) computed beside the GEMM instead of after it.
+/// A row's LoRA term `scale * B^T (A x)` does not depend on the base output, so the threads
+/// share one pool of work: GEMM column ranges and LoRA segments. One thread starts on the LoRA
+/// segments (streaming adapter tables: memory-bound) while the others start on the GEMM
+/// (arithmetic-bound once many rows meet), and each then helps with what is left of the other.
+/// The LoRA terms go to their own buffer and are added to the rows at the end.
+fn gemm_beside_lora(y: &mut [f32], x: &[f32], packed: &PackedBf16, p16: &[u16], plan: &LayerPlan) {
+    let (di, dout) = (plan.d_in, plan.d_out);
+    let lora: Vec<(&Segment, &SlotSpec)> = plan
+        .segments
+        .iter()
+        .filter_map(|(seg, exec)| match exec {
+            SegmentExec::Lora(spec) if beside_gemm(seg, exec) => Some((seg, spec)),
+            _ => None,
+        })
+        .collect();
+    // Each LoRA segment's terms `[len, d_out]`, in segment order.
+    let mut terms = vec![0f32; lora.iter().map(|(seg, _)| seg.len * dout).sum()];
+    {
+        let mut parts = Vec::with_capacity(lora.len());
+        let mut rest = &mut terms[..];
+        for (seg, _) in &lora {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(seg.len * dout);
+            parts.push(std::sync::Mutex::new(mine));
+            rest = tail;
+        }
+        let next_lora = std::sync::atomic::AtomicUsize::new(0);
+        let run_lora = || {
+            let k = next_lora.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(seg, spec)) = lora.get(k) else { return false };
+            let (a16, bt16) = spec.parts(p16, di, dout);
+            let mut out = parts[k].lock().expect("one writer per segment");
+            lora_rows_bf16(&mut out, &x[seg.start * di..(seg.start + seg.len) * di], a16, bt16, spec, di, dout);
+            true
+        };
+        let gemm = super::bf16::GemmParts::new(y, dout, x, di, plan.n_rows, packed);
+        let workers = super::matmul::n_threads().min(gemm.len() + lora.len());
+        super::team::par_for(workers, |w| {
+            if w % 2 == 1 {
+                while run_lora() {}
+                while gemm.run_next() {}
+            } else {
+                while gemm.run_next() {}
+                while run_lora() {}
+            }
+        });
+    }
+    let mut terms = terms.chunks_exact(dout);
+    for (seg, _) in &lora {
+        for (yr, tr) in y[seg.start * dout..(seg.start + seg.len) * dout].chunks_exact_mut(dout).zip(&mut terms) {
+            axpy(yr, 1.0, tr);
+        }
+    }
 }
 
 /// Step 1 when some rows do not enter the GEMM unchanged: stack, one GEMM, scatter.
@@ -189,11 +255,14 @@ pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params:
 }
 
 /// Step 3: LoRA shrink/expand and IA3 output scaling, segments in parallel when worth it.
-fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan, y: &mut [f32]) {
+/// `beside`: decode rows' LoRA was done beside the GEMM ([`gemm_beside_lora`]).
+fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan, y: &mut [f32], beside: bool) {
     let (di, dout) = (plan.d_in, plan.d_out);
+    let mine = |s: &Segment, e: &SegmentExec| matches!(e, SegmentExec::Lora(_) | SegmentExec::Ia3Out(_)) && !(beside && beside_gemm(s, e));
     let work: usize = plan
         .segments
         .iter()
+        .filter(|(s, e)| mine(s, e))
         .map(|(s, e)| match e {
             SegmentExec::Lora(spec) => 2 * s.len * spec.rank * (di + dout),
             SegmentExec::Ia3Out(_) => s.len * dout,
@@ -205,7 +274,7 @@ fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPl
     }
     let jobs: Vec<(&mut [f32], &Segment, &SegmentExec)> = split_segments_mut(y, dout, &plan.segments)
         .into_iter()
-        .filter(|(_, _, e)| matches!(e, SegmentExec::Lora(_) | SegmentExec::Ia3Out(_)))
+        .filter(|(_, s, e)| mine(s, e))
         .collect();
     let run = |(ys, seg, exec): (&mut [f32], &Segment, &SegmentExec)| {
         let xs = &x[seg.start * di..(seg.start + seg.len) * di];
@@ -235,7 +304,7 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
             // The same values from the bf16 copy: half the bytes of the adapter's tables.
             Some(p16) => {
                 let (a16, bt16) = spec.parts(p16, di, dout);
-                lora_rows(ys, xs, a16, bt16, spec, di, dout, dot_bf16, axpy_bf16)
+                lora_rows_bf16(ys, xs, a16, bt16, spec, di, dout)
             }
             None => lora_rows(ys, xs, a, bt, spec, di, dout, dot, axpy),
         }
@@ -243,6 +312,25 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
         let mut t = vec![0f32; len * r];
         matmul(&mut t, r, MatRef::row_major(xs, len, di), MatRef::row_major(a, r, di).t(), spec.scale, 0.0);
         matmul(ys, dout, MatRef::row_major(&t, len, r), MatRef::row_major(bt, r, dout), 1.0, 1.0);
+    }
+}
+
+/// [`lora_rows`] over bf16 tables (bf16 inference): the row is rounded to bf16 like the base
+/// GEMM's input, so the shrink's dots run on `vdpbf16ps` ([`super::bf16::dot_pairs`]); the
+/// expansion adds one rank row at a time (all rank rows per column block at once, i.e. r
+/// streams, measured slower).
+#[allow(clippy::too_many_arguments)]
+fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &SlotSpec, di: usize, dout: usize) {
+    let mut xw = vec![0u32; di.div_ceil(2)];
+    let mut t = vec![0f32; spec.rank];
+    for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
+        super::bf16::round_rows(&mut xw, xr, di, 1, di);
+        for (j, tj) in t.iter_mut().enumerate() {
+            *tj = spec.scale * super::bf16::dot_pairs(&a16[j * di..(j + 1) * di], &xw);
+        }
+        for (j, &tj) in t.iter().enumerate() {
+            axpy_bf16(yr, tj, &bt16[j * dout..(j + 1) * dout]);
+        }
     }
 }
 

@@ -8,12 +8,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_widened(a, b, |x| x)
 }
 
-/// [`dot`] with `a` given as bf16 bits (widened exactly to f32).
-#[inline]
-pub fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
-    dot_widened(a, b, super::bf16::bf16_to_f32)
-}
-
 #[inline(always)]
 fn dot_widened<T: Copy>(a: &[T], b: &[f32], widen: impl Fn(T) -> f32) -> f32 {
     debug_assert_eq!(a.len(), b.len());
