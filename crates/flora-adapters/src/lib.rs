@@ -20,6 +20,6 @@ pub mod reference;
 pub use batch::{AdapterBatch, Segment, SlotId};
 pub use cost::CostModel;
 pub use error::{AdapterError, Result};
-pub use op::{adapted_linear, adapted_linear_rows, BaseWeight, WeightFormat};
+pub use op::{adapted_linear, adapted_linear_rows, adapted_linear_rows_many, BaseWeight, WeightFormat};
 pub use params::{AdapterKind, AdapterWeights, LayerAdapters, SlotKind, SlotParts, SlotSpec};
 pub use plan::{ExecOptions, FloraPolicy, LayerPlan, SegmentExec};

@@ -183,6 +183,67 @@ pub fn adapted_linear_rows(
     })?)
 }
 
+/// Several projections of the same input rows (a block's q, k and v; gate and up) through the
+/// seam: the same outputs as one [`adapted_linear_rows`] call each. Where every projection runs
+/// its base GEMM in bf16 and its adapters only add to its output (LoRA, IA3 on the output:
+/// [`LayerPlan::all_direct`]), their work is one pool the threads claim from
+/// (`cpu::forward::forward_pooled`), so the threads meet once instead of once per
+/// projection; otherwise the projections run one by one.
+pub fn adapted_linear_rows_many(
+    x: &[f32],
+    projections: &[(&BaseWeight, Option<&LayerAdapters>)],
+    batch: &AdapterBatch,
+    opts: &ExecOptions,
+) -> Result<Vec<Vec<f32>>> {
+    let mut plans: Vec<Option<LayerPlan>> = Vec::with_capacity(projections.len());
+    let mut n_rows = 0;
+    for &(base, adapters) in projections {
+        let name = adapters.map_or("base", |a| a.name());
+        n_rows = check_input(name, &[x.len()], x.len() % base.d_in == 0, x.len(), base, adapters, batch)?;
+        plans.push(adapters.map(|a| plan_layer(batch, a, opts)).transpose()?);
+    }
+    let poolable = projections.len() > 1
+        && projections.iter().zip(&plans).all(|(&(base, adapters), plan)| {
+            base.bf16.is_some()
+                && match (adapters, plan) {
+                    (Some(a), Some(p)) => p.all_direct() && a.bf16_params().is_some(),
+                    _ => true,
+                }
+        });
+    if !poolable {
+        return projections.iter().map(|&(base, adapters)| adapted_linear_rows(x, base, batch, adapters, opts)).collect();
+    }
+    // Every adapter table's storage stays locked for reading while the kernels run.
+    let guards: Vec<_> = projections.iter().map(|(_, a)| a.map(|a| a.params().storage_and_layout())).collect();
+    let mut params: Vec<Option<&[f32]>> = Vec::with_capacity(guards.len());
+    for g in &guards {
+        params.push(match g {
+            None => None,
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(s) => Some(f32_slice(s, layout, "adapter params")?),
+                _ => return Err(candle_core::Error::Msg("adapted_linear: adapter params must be on the CPU (no GPU kernel yet)".into()).into()),
+            },
+        });
+    }
+    let pooled: Vec<cpu::forward::Pooled> = projections
+        .iter()
+        .zip(&plans)
+        .zip(&params)
+        .map(|((&(base, adapters), plan), params)| cpu::forward::Pooled {
+            packed: base.bf16.as_deref().expect("checked: bf16"),
+            adapters: match (adapters, plan, params) {
+                (Some(a), Some(plan), Some(params)) => Some(cpu::forward::PooledAdapters {
+                    params,
+                    params16: a.bf16_params().expect("checked: bf16 tables"),
+                    plan,
+                }),
+                _ => None,
+            },
+        })
+        .collect();
+    Ok(cpu::forward::forward_pooled(x, n_rows, projections[0].0.d_in, &pooled))
+}
+
 /// Both entry points' input checks: `x` (shape `dims`, `elems` values, `fits`: its rows are
 /// `d_in` wide) against the base weight, the adapter table and the batch. Returns the rows.
 fn check_input(

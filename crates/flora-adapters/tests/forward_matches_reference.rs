@@ -204,3 +204,41 @@ fn bf16_lora_beside_the_gemm_matches_the_reference() {
         }
     }
 }
+
+#[test]
+fn projections_sharing_an_input_equal_one_call_each() {
+    // `adapted_linear_rows_many` (a block's q/k/v or gate/up): pooled where every projection is
+    // bf16 with output-side adapters, one by one otherwise; either way bit for bit the outputs
+    // of one `adapted_linear_rows` call per projection.
+    let lora: Vec<Kind> = [1, 4, 8, 33].into_iter().map(Kind::Lora).chain([Kind::Ia3Out]).collect();
+    let with_flora: Vec<Kind> = lora.iter().copied().chain([Kind::Flora(2), Kind::Ia3In]).collect();
+    let d_in = 96;
+    for (kinds, n_rows) in [(&lora, 1), (&lora, 7), (&lora, 40), (&with_flora, 7)] {
+        let fixtures: Vec<Fixture> = [(96, 11), (48, 12), (200, 13)].iter().map(|&(d_out, seed)| Fixture::new(d_in, d_out, kinds, seed)).collect();
+        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            let bases: Vec<BaseWeight> = fixtures
+                .iter()
+                .map(|fx| {
+                    let mut b = BaseWeight::from_out_in(&fx.w0_tensor()).unwrap();
+                    b.set_format(format).unwrap();
+                    b
+                })
+                .collect();
+            let layers: Vec<_> = fixtures.iter().map(|fx| if format == WeightFormat::Bf16 { fx.layer.with_bf16_tables().unwrap() } else { fx.layer.clone() }).collect();
+            for (pi, pattern) in PATTERNS.iter().enumerate() {
+                let batch = AdapterBatch::from_row_slots(rows_for(*pattern, n_rows, kinds.len(), 50 + pi as u64));
+                let x = random_input(n_rows, d_in, 60 + pi as u64);
+                let opts = ExecOptions::default();
+                // The middle projection has no adapter (a module the adapters do not target).
+                let projections: Vec<(&BaseWeight, Option<&flora_adapters::LayerAdapters>)> =
+                    bases.iter().zip(&layers).enumerate().map(|(i, (b, l))| (b, (i != 1).then_some(l))).collect();
+                let many = flora_adapters::adapted_linear_rows_many(&x, &projections, &batch, &opts).unwrap();
+                assert_eq!(many.len(), projections.len());
+                for (i, (&(b, l), got)) in projections.iter().zip(&many).enumerate() {
+                    let one = adapted_linear_rows(&x, b, &batch, l, &opts).unwrap();
+                    assert!(*got == one, "{format}, {n_rows} rows, {pattern:?}, projection {i}: pooled output differs");
+                }
+            }
+        }
+    }
+}

@@ -15,7 +15,7 @@ use crate::layers::{causal_attention, rms_norm, Rope};
 use crate::rows;
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
-use flora_adapters::{adapted_linear, adapted_linear_rows, AdapterBatch, BaseWeight, ExecOptions, SlotId, WeightFormat};
+use flora_adapters::{adapted_linear, adapted_linear_rows, adapted_linear_rows_many, AdapterBatch, BaseWeight, ExecOptions, SlotId, WeightFormat};
 
 /// The seven adaptable projections of a block, in PEFT's module names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -252,6 +252,14 @@ impl Llama {
         Ok(adapted_linear_rows(x, &self.blocks[layer].proj[p.index()], batch, la, &self.exec)?)
     }
 
+    /// [`Self::proj_rows`] of several projections that share their input (q, k, v; gate, up),
+    /// run as one pool of work where the seam can (`adapted_linear_rows_many`).
+    fn projs_rows<const N: usize>(&self, x: &[f32], layer: usize, ps: [Proj; N], batch: &AdapterBatch, adapters: Option<&ModelAdapters>) -> Result<[Vec<f32>; N]> {
+        let projections = ps.map(|p| (&self.blocks[layer].proj[p.index()], adapters.and_then(|a| a.get(layer, p))));
+        let outs = adapted_linear_rows_many(x, &projections, batch, &self.exec)?;
+        Ok(outs.try_into().map_err(|_| ModelError::BadModel("projection outputs".into()))?)
+    }
+
     fn mlp(&self, x: &Tensor, layer: usize, batch: &AdapterBatch, adapters: Option<&ModelAdapters>) -> Result<Tensor> {
         let gate = self.proj(x, layer, Proj::Gate, batch, adapters)?;
         let up = self.proj(x, layer, Proj::Up, batch, adapters)?;
@@ -347,14 +355,11 @@ impl Llama {
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
         for (li, blk) in self.blocks.iter().enumerate() {
             let x = rows::rms_norm_rows(&h, &blk.attn_norm.values, c.rms_eps);
-            let mut q = self.proj_rows(&x, li, Proj::Q, &batch, adapters)?;
-            let mut k = self.proj_rows(&x, li, Proj::K, &batch, adapters)?;
-            let v = self.proj_rows(&x, li, Proj::V, &batch, adapters)?;
+            let [mut q, mut k, v] = self.projs_rows(&x, li, [Proj::Q, Proj::K, Proj::V], &batch, adapters)?;
             let a = ragged_attention(&mut q, &mut k, &v, &spans, &mut caches, li, self.heads(), &self.rope);
             rows::add_into(&mut h, &self.proj_rows(&a, li, Proj::O, &batch, adapters)?);
             let x = rows::rms_norm_rows(&h, &blk.ffn_norm.values, c.rms_eps);
-            let mut gate = self.proj_rows(&x, li, Proj::Gate, &batch, adapters)?;
-            let up = self.proj_rows(&x, li, Proj::Up, &batch, adapters)?;
+            let [mut gate, up] = self.projs_rows(&x, li, [Proj::Gate, Proj::Up], &batch, adapters)?;
             rows::silu_mul_into(&mut gate, &up, c.intermediate);
             rows::add_into(&mut h, &self.proj_rows(&gate, li, Proj::Down, &batch, adapters)?);
         }

@@ -202,6 +202,19 @@ pub fn dot_pairs(a: &[u16], xw: &[u32]) -> f32 {
     sum
 }
 
+/// `x` rounded to bf16, as f32 values (vectorized as [`round_rows`]).
+pub fn rounded_copy(x: &[f32]) -> Vec<f32> {
+    let mut words = vec![0u32; x.len().div_ceil(2)];
+    round_row(&mut words, x);
+    let mut out = Vec::with_capacity(words.len() * 2);
+    for w in words {
+        out.push(f32::from_bits(w << 16));
+        out.push(f32::from_bits(w & 0xFFFF_0000));
+    }
+    out.truncate(x.len());
+    out
+}
+
 /// Rounds `values` to bf16 in place (kept as f32) and returns the same values as bf16 bits:
 /// an adapter table for bf16 inference, where every path must read the same numbers.
 pub fn round_in_place(values: &mut [f32]) -> Vec<u16> {
@@ -616,6 +629,15 @@ mod tests {
             let want: f64 = a.iter().zip(&x).map(|(&h, &v)| bf16_to_f32(h) as f64 * bf16_to_f32(f32_to_bf16(v)) as f64).sum();
             let got = dot_pairs(&a, &xw) as f64;
             assert!((got - want).abs() <= 1e-5 * (1.0 + k as f64).sqrt(), "k = {k}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn rounded_copies_equal_scalar_rounding() {
+        for n in [0, 1, 2, 31, 32, 33, 577] {
+            let x: Vec<f32> = rand_vec(n, 13).into_iter().map(|v| v * 77.0).collect();
+            let want: Vec<f32> = x.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+            assert_eq!(rounded_copy(&x), want, "n = {n}");
         }
     }
 

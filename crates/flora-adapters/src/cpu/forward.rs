@@ -50,13 +50,15 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]
     let wt = base.wt;
     assert_eq!(x.len(), n * di, "forward: x has {} values, expected {n}x{di}", x.len());
     assert_eq!(wt.len(), di * dout, "forward: weight has {} values, expected {di}x{dout}", wt.len());
+    // Decode rows' LoRA with bf16 tables runs beside the bf16 base GEMM (see `forward_pooled`).
+    if let (true, Some(packed), Some(p16)) = (plan.all_direct(), base.bf16, params16) {
+        if plan.segments.iter().any(|(s, e)| beside_gemm(s, e)) {
+            let adapters = Some(PooledAdapters { params, params16: p16, plan });
+            return forward_pooled(x, n, di, &[Pooled { packed, adapters }]).pop().expect("one projection");
+        }
+    }
     let mut y = vec![0f32; n * dout];
-    // Decode rows' LoRA with bf16 tables runs beside the bf16 base GEMM (see
-    // `gemm_beside_lora`); `epilogues` then leaves it out.
-    let beside = plan.all_direct() && base.bf16.is_some() && params16.is_some() && plan.segments.iter().any(|(s, e)| beside_gemm(s, e));
-    if let (true, Some(packed), Some(p16)) = (beside, base.bf16, params16) {
-        gemm_beside_lora(&mut y, x, packed, p16, plan);
-    } else if plan.all_direct() {
+    if plan.all_direct() {
         base.gemm(&mut y, x, n, di, dout);
     } else {
         shared_stacked_gemm(x, base, params, plan, &mut y);
@@ -75,7 +77,7 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]
     } else {
         merged.into_iter().for_each(run);
     }
-    epilogues(x, params, params16, plan, &mut y, beside);
+    epilogues(x, params, params16, plan, &mut y, false);
     y
 }
 
@@ -85,59 +87,92 @@ fn beside_gemm(seg: &Segment, exec: &SegmentExec) -> bool {
     matches!(exec, SegmentExec::Lora(_)) && seg.len <= LORA_ROW_LOOP_MAX
 }
 
-/// Step 1 with decode rows' LoRA (bf16 tables) computed beside the GEMM instead of after it.
-/// A row's LoRA term `scale * B^T (A x)` does not depend on the base output, so the threads
-/// share one pool of work: GEMM column ranges and LoRA segments. One thread starts on the LoRA
-/// segments (streaming adapter tables: memory-bound) while the others start on the GEMM
-/// (arithmetic-bound once many rows meet), and each then helps with what is left of the other.
-/// The LoRA terms go to their own buffer and are added to the rows at the end.
-fn gemm_beside_lora(y: &mut [f32], x: &[f32], packed: &PackedBf16, p16: &[u16], plan: &LayerPlan) {
-    let (di, dout) = (plan.d_in, plan.d_out);
-    let lora: Vec<(&Segment, &SlotSpec)> = plan
-        .segments
-        .iter()
-        .filter_map(|(seg, exec)| match exec {
-            SegmentExec::Lora(spec) if beside_gemm(seg, exec) => Some((seg, spec)),
-            _ => None,
-        })
-        .collect();
-    // Each LoRA segment's terms `[len, d_out]`, in segment order.
-    let mut terms = vec![0f32; lora.iter().map(|(seg, _)| seg.len * dout).sum()];
+/// One projection of [`forward_pooled`]: its packed bf16 base weight and, if it has adapters,
+/// their tables and plan (every row entering the GEMM unchanged: `plan.all_direct()`).
+pub struct Pooled<'a> {
+    pub packed: &'a PackedBf16,
+    pub adapters: Option<PooledAdapters<'a>>,
+}
+
+/// A projection's adapter tables (f32, and the bf16 copy decode rows read) and plan.
+pub struct PooledAdapters<'a> {
+    pub params: &'a [f32],
+    pub params16: &'a [u16],
+    pub plan: &'a LayerPlan,
+}
+
+/// `x [n, d_in]` through several bf16 projections that share it (a block's q, k and v; gate and
+/// up), each output as [`forward`] computes it. Their GEMM column ranges and their decode rows'
+/// LoRA terms (`scale * B^T (A x)` from the bf16 tables: independent of the base output) form
+/// one pool of work: one thread starts on the LoRA terms (streaming adapter tables,
+/// memory-bound) while the others start on the GEMMs (arithmetic-bound once many rows meet),
+/// and each then helps with what is left of the other. The threads meet once for all the
+/// projections. LoRA terms go to their own buffers and are added at the end; the remaining
+/// epilogues (IA3 on the output, long LoRA segments) follow.
+pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<Vec<f32>> {
+    assert_eq!(x.len(), n * di, "forward_pooled: x has {} values, expected {n}x{di}", x.len());
+    // (projection, segment, slot) of every LoRA segment that runs beside the GEMMs.
+    let mut lora: Vec<(usize, &Segment, &SlotSpec)> = Vec::new();
+    for (pi, p) in projs.iter().enumerate() {
+        assert_eq!(p.packed.k(), di, "forward_pooled: projection {pi} takes {} inputs, not {di}", p.packed.k());
+        if let Some(a) = &p.adapters {
+            assert!(a.plan.all_direct() && a.plan.n_rows == n, "forward_pooled: projection {pi} has rows that do not enter the GEMM unchanged");
+            lora.extend(a.plan.segments.iter().filter_map(|(seg, exec)| match exec {
+                SegmentExec::Lora(spec) if beside_gemm(seg, exec) => Some((pi, seg, spec)),
+                _ => None,
+            }));
+        }
+    }
+    let mut ys: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; n * p.packed.n()]).collect();
+    // Each LoRA segment's terms `[len, d_out]`, in the order of `lora`.
+    let mut terms = vec![0f32; lora.iter().map(|&(pi, seg, _)| seg.len * projs[pi].packed.n()).sum()];
     {
         let mut parts = Vec::with_capacity(lora.len());
         let mut rest = &mut terms[..];
-        for (seg, _) in &lora {
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(seg.len * dout);
+        for &(pi, seg, _) in &lora {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(seg.len * projs[pi].packed.n());
             parts.push(std::sync::Mutex::new(mine));
             rest = tail;
         }
         let next_lora = std::sync::atomic::AtomicUsize::new(0);
         let run_lora = || {
             let k = next_lora.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(seg, spec)) = lora.get(k) else { return false };
+            let Some(&(pi, seg, spec)) = lora.get(k) else { return false };
+            let (dout, p16) = (projs[pi].packed.n(), projs[pi].adapters.as_ref().expect("LoRA has tables").params16);
             let (a16, bt16) = spec.parts(p16, di, dout);
             let mut out = parts[k].lock().expect("one writer per segment");
             lora_rows_bf16(&mut out, &x[seg.start * di..(seg.start + seg.len) * di], a16, bt16, spec, di, dout);
             true
         };
-        let gemm = super::bf16::GemmParts::new(y, dout, x, di, plan.n_rows, packed);
-        let workers = super::matmul::n_threads().min(gemm.len() + lora.len());
-        super::team::par_for(workers, |w| {
+        let gemms: Vec<super::bf16::GemmParts> =
+            ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::new(y, p.packed.n(), x, di, n, p.packed)).collect();
+        let items = gemms.iter().map(|g| g.len()).sum::<usize>() + lora.len();
+        let run_gemms = || gemms.iter().for_each(|g| while g.run_next() {});
+        super::team::par_for(super::matmul::n_threads().min(items), |w| {
             if w % 2 == 1 {
                 while run_lora() {}
-                while gemm.run_next() {}
+                run_gemms();
             } else {
-                while gemm.run_next() {}
+                run_gemms();
                 while run_lora() {}
             }
         });
     }
-    let mut terms = terms.chunks_exact(dout);
-    for (seg, _) in &lora {
-        for (yr, tr) in y[seg.start * dout..(seg.start + seg.len) * dout].chunks_exact_mut(dout).zip(&mut terms) {
+    let mut terms = &terms[..];
+    for &(pi, seg, _) in &lora {
+        let dout = projs[pi].packed.n();
+        let (mine, rest) = terms.split_at(seg.len * dout);
+        for (yr, tr) in ys[pi][seg.start * dout..(seg.start + seg.len) * dout].chunks_exact_mut(dout).zip(mine.chunks_exact(dout)) {
             axpy(yr, 1.0, tr);
         }
+        terms = rest;
     }
+    for (y, p) in ys.iter_mut().zip(projs) {
+        if let Some(a) = &p.adapters {
+            epilogues(x, a.params, Some(a.params16), a.plan, y, true);
+        }
+    }
+    ys
 }
 
 /// Step 1 when some rows do not enter the GEMM unchanged: stack, one GEMM, scatter.
@@ -255,7 +290,7 @@ pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params:
 }
 
 /// Step 3: LoRA shrink/expand and IA3 output scaling, segments in parallel when worth it.
-/// `beside`: decode rows' LoRA was done beside the GEMM ([`gemm_beside_lora`]).
+/// `beside`: decode rows' LoRA was done beside the GEMM ([`forward_pooled`]).
 fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan, y: &mut [f32], beside: bool) {
     let (di, dout) = (plan.d_in, plan.d_out);
     let mine = |s: &Segment, e: &SegmentExec| matches!(e, SegmentExec::Lora(_) | SegmentExec::Ia3Out(_)) && !(beside && beside_gemm(s, e));
@@ -310,6 +345,10 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
         }
     } else {
         let mut t = vec![0f32; len * r];
+        // bf16 inference: the shrink sees the rows rounded to bf16, as decode rows' does
+        // ([`lora_rows_bf16`]), so a row's output does not depend on its segment's length.
+        let rounded = params16.map(|_| super::bf16::rounded_copy(xs));
+        let xs = rounded.as_deref().unwrap_or(xs);
         matmul(&mut t, r, MatRef::row_major(xs, len, di), MatRef::row_major(a, r, di).t(), spec.scale, 0.0);
         matmul(ys, dout, MatRef::row_major(&t, len, r), MatRef::row_major(bt, r, dout), 1.0, 1.0);
     }
