@@ -95,6 +95,15 @@ impl BaseWeight {
         Ok(())
     }
 
+    /// Lays the bf16 copies of `weights` (in the order an inference step reads them) out in
+    /// one arena for decode steps on the current thread pool (`cpu::bf16::arrange_for_decode`:
+    /// each thread's share of every weight, end to end). Weights in f32 are left out; values
+    /// and results do not change.
+    pub fn arrange_bf16_for_decode(weights: &mut [&mut BaseWeight]) {
+        let mut packed: Vec<&mut PackedBf16> = weights.iter_mut().filter_map(|w| w.bf16.as_mut().map(Arc::make_mut)).collect();
+        cpu::bf16::arrange_for_decode(&mut packed, cpu::matmul::n_threads());
+    }
+
     pub fn format(&self) -> WeightFormat {
         if self.bf16.is_some() {
             WeightFormat::Bf16

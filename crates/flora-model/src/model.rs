@@ -200,6 +200,10 @@ impl Llama {
             }
         }
         self.lm_head.set_format(format)?;
+        // In the order a step reads them: each decode thread then streams one run of memory.
+        let mut order: Vec<&mut BaseWeight> = self.blocks.iter_mut().flat_map(|b| b.proj.iter_mut()).collect();
+        order.push(&mut self.lm_head);
+        BaseWeight::arrange_bf16_for_decode(&mut order);
         Ok(())
     }
 

@@ -49,13 +49,56 @@ pub fn bf16_to_f32(h: u16) -> f32 {
 }
 
 /// A `[k, n]` row-major f32 matrix rounded to bf16 and packed in column panels (layout above).
+///
+/// The panels live in `words`, either the matrix's own buffer or a shared arena that
+/// [`arrange_for_decode`] builds for a whole model: there each thread's share of the panels of
+/// every weight follows the previous weight's share, so a decode step streams one contiguous
+/// run per thread.
 #[derive(Clone, Debug)]
 pub struct PackedBf16 {
-    words: Vec<u32>,
+    words: std::sync::Arc<[u32]>,
+    /// Runs of consecutive panels: `(first panel, word offset of that panel in words)`, by
+    /// first panel, starting at panel 0.
+    runs: Vec<(usize, usize)>,
     k: usize,
     n: usize,
     /// k-pairs: `ceil(k / 2)`.
     kp: usize,
+}
+
+/// Lays the panels of `weights` (in the order a decode step reads them) out in one arena,
+/// thread-major: first every weight's first share of panels (as [`gemm`] splits a decode
+/// GEMM over `threads`: `t * panels / threads ..`), then every weight's second share, and so
+/// on. A decode step's thread then reads one contiguous run of memory from its first GEMM to
+/// its last instead of restarting the hardware prefetcher at every GEMM (a token's GEMVs alone:
+/// 7.75 ms as separate weights against 4.89 ms as one run, at a 52 GB/s reading). Values and
+/// results do not change.
+pub fn arrange_for_decode(weights: &mut [&mut PackedBf16], threads: usize) {
+    let threads = threads.max(1);
+    let total: usize = weights.iter().map(|w| w.panels() * w.kp * NR).sum();
+    let mut arena = Vec::with_capacity(total);
+    let mut runs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); weights.len()];
+    for t in 0..threads {
+        for (w, runs) in weights.iter().zip(runs.iter_mut()) {
+            let (p0, p1) = decode_share(w.panels(), threads, t);
+            if p0 < p1 {
+                runs.push((p0, arena.len()));
+                for p in p0..p1 {
+                    arena.extend_from_slice(w.panel(p));
+                }
+            }
+        }
+    }
+    let arena: std::sync::Arc<[u32]> = arena.into();
+    for (w, runs) in weights.iter_mut().zip(runs) {
+        w.words = arena.clone();
+        w.runs = if runs.is_empty() { vec![(0, 0)] } else { runs };
+    }
+}
+
+/// Thread `t`'s share of `panels` in a decode GEMM split over `threads`.
+fn decode_share(panels: usize, threads: usize, t: usize) -> (usize, usize) {
+    (t * panels / threads, (t + 1) * panels / threads)
 }
 
 impl PackedBf16 {
@@ -83,7 +126,7 @@ impl PackedBf16 {
                     }
                 }
             });
-        Self { words, k, n, kp }
+        Self { words: words.into(), runs: vec![(0, 0)], k, n, kp }
     }
 
     pub fn k(&self) -> usize {
@@ -94,7 +137,7 @@ impl PackedBf16 {
     }
     /// Bytes held (padding included).
     pub fn bytes(&self) -> usize {
-        self.words.len() * 4
+        self.panels() * self.kp * NR * 4
     }
 
     /// The bf16-rounded `W[i][j]`, as f32.
@@ -118,7 +161,9 @@ impl PackedBf16 {
     }
 
     fn panel(&self, p: usize) -> &[u32] {
-        &self.words[p * self.kp * NR..(p + 1) * self.kp * NR]
+        let &(first, offset) = self.runs.iter().rev().find(|r| r.0 <= p).expect("runs start at panel 0");
+        let start = offset + (p - first) * self.kp * NR;
+        &self.words[start..start + self.kp * NR]
     }
 }
 
@@ -202,19 +247,6 @@ pub fn dot_pairs(a: &[u16], xw: &[u32]) -> f32 {
     sum
 }
 
-/// `x` rounded to bf16, as f32 values (vectorized as [`round_rows`]).
-pub fn rounded_copy(x: &[f32]) -> Vec<f32> {
-    let mut words = vec![0u32; x.len().div_ceil(2)];
-    round_row(&mut words, x);
-    let mut out = Vec::with_capacity(words.len() * 2);
-    for w in words {
-        out.push(f32::from_bits(w << 16));
-        out.push(f32::from_bits(w & 0xFFFF_0000));
-    }
-    out.truncate(x.len());
-    out
-}
-
 /// Rounds `values` to bf16 in place (kept as f32) and returns the same values as bf16 bits:
 /// an adapter table for bf16 inference, where every path must read the same numbers.
 pub fn round_in_place(values: &mut [f32]) -> Vec<u16> {
@@ -238,8 +270,9 @@ unsafe impl Sync for SendPtr {}
 /// `c [m, n] (row stride ldc) = a [m, k] (row stride lda) · W`, overwriting `c`.
 pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &PackedBf16) {
     let parts = GemmParts::new(c, ldc, a, lda, m, w);
+    // As many calls as ranges, each computing one: every range runs exactly once.
     super::team::par_for(parts.len(), |_| {
-        parts.run_next();
+        parts.run_one();
     });
 }
 
@@ -253,9 +286,13 @@ pub struct GemmParts<'a> {
     a16: Vec<u32>,
     m: usize,
     w: &'a PackedBf16,
-    /// Panel ranges `(p0, p1)`, large first and single panels last: threads claim them as
-    /// they come free and finish within about one panel of each other.
+    /// Panel ranges `(p0, p1)`. Decode (at most [`MR`] rows, bandwidth-bound): one share per
+    /// thread ([`decode_share`]), each thread taking its own (see [`Self::run_one`]). Else
+    /// guided: large first, single panels last, claimed in order as threads come free, so they
+    /// finish within about one panel of each other.
     ranges: Vec<(usize, usize)>,
+    decode: bool,
+    claimed: Box<[std::sync::atomic::AtomicBool]>,
     next: std::sync::atomic::AtomicUsize,
     _c: std::marker::PhantomData<&'a mut [f32]>,
 }
@@ -275,12 +312,21 @@ impl<'a> GemmParts<'a> {
         // Split once there is enough arithmetic or enough weight to stream: a decode step's
         // k and v projections (220 KB in bf16) already stream faster on two cores.
         let threads = super::matmul::n_threads();
-        let ranges = if flops < (1 << 20) && w.bytes() < (1 << 17) || threads == 1 {
+        let split = !(flops < (1 << 20) && w.bytes() < (1 << 17) || threads == 1);
+        let decode = split && m <= MR;
+        let ranges = if !split {
             vec![(0, panels)]
+        } else if decode {
+            // One contiguous run of the weight per thread: every further range restarts the
+            // hardware prefetcher's stream (a token's GEMVs: 6.5 ms this way against 7.8-8.2
+            // ms in guided ranges, at a 53 GB/s reading), and `arrange_for_decode` lays each
+            // thread's runs of consecutive weights end to end.
+            (0..threads).map(|t| decode_share(panels, threads, t)).collect()
         } else {
             super::team::guided_ranges(panels, threads, 1)
         };
-        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, next: 0.into(), _c: std::marker::PhantomData }
+        let claimed = ranges.iter().map(|_| false.into()).collect();
+        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, decode, claimed, next: 0.into(), _c: std::marker::PhantomData }
     }
 
     /// Column ranges in all.
@@ -292,15 +338,46 @@ impl<'a> GemmParts<'a> {
         self.ranges.is_empty()
     }
 
-    /// Claims the next unclaimed column range and computes it; false when none was left.
-    pub fn run_next(&self) -> bool {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Whether the ranges are decode shares, one per thread.
+    pub fn is_decode(&self) -> bool {
+        self.decode
+    }
+
+    /// Computes range `i` unless some thread claimed it already; false then.
+    fn run(&self, i: usize) -> bool {
         let Some(&(p0, p1)) = self.ranges.get(i) else { return false };
+        if self.claimed[i].swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return false;
+        }
         let a16 = &self.a16[..self.m * self.w.kp];
-        // SAFETY: each range is claimed once and covers its own columns of C, which `new`
-        // borrowed mutably for 'a and checked against the shapes.
+        // SAFETY: range i is claimed once (above) and covers its own columns of C, which
+        // `new` borrowed mutably for 'a and checked against the shapes.
         unsafe { run_panels(self.c.0, self.ldc, a16, self.m, self.w, p0, p1) };
         true
+    }
+
+    /// Claims the next unclaimed range in order and computes it; false when none was left.
+    pub fn run_next(&self) -> bool {
+        loop {
+            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= self.ranges.len() {
+                return false;
+            }
+            if self.run(i) {
+                return true;
+            }
+        }
+    }
+
+    /// Computes one range, false when none was left: for decode shares this thread's own
+    /// share (by its index in the pool, so a thread reads the same share of every weight, one
+    /// run through the arena), else any unclaimed one; otherwise the next in order.
+    pub fn run_one(&self) -> bool {
+        if !self.decode {
+            return self.run_next();
+        }
+        let mine = rayon::current_thread_index().unwrap_or(0) % self.ranges.len();
+        self.run(mine) || (0..self.ranges.len()).any(|i| self.run(i))
     }
 }
 
@@ -633,11 +710,38 @@ mod tests {
     }
 
     #[test]
-    fn rounded_copies_equal_scalar_rounding() {
-        for n in [0, 1, 2, 31, 32, 33, 577] {
-            let x: Vec<f32> = rand_vec(n, 13).into_iter().map(|v| v * 77.0).collect();
-            let want: Vec<f32> = x.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
-            assert_eq!(rounded_copy(&x), want, "n = {n}");
+    fn arranged_weights_keep_every_value_and_result() {
+        // Several weights laid out thread-major in one arena, for 1-4 threads, used from pools
+        // of 1-4 threads (matching or not): the same values and bit for bit the same products
+        // as the weights packed on their own, decode and larger row counts alike.
+        let shapes = [(576, 192), (70, 300), (33, 17), (200, 1000), (8, 48)];
+        let own: Vec<PackedBf16> = shapes.iter().enumerate().map(|(i, &(k, n))| PackedBf16::pack(&rand_vec(k * n, 20 + i as u64), k, n)).collect();
+        for arena_threads in 1..=4 {
+            let mut arranged = own.clone();
+            arrange_for_decode(&mut arranged.iter_mut().collect::<Vec<_>>(), arena_threads);
+            for (w, a) in own.iter().zip(&arranged) {
+                assert_eq!(w.bytes(), a.bytes());
+                for (i, j) in [(0, 0), (w.k - 1, w.n - 1), (w.k / 2, w.n / 3)] {
+                    assert_eq!(w.get(i, j), a.get(i, j));
+                }
+            }
+            for pool_threads in 1..=4 {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(pool_threads).build().unwrap();
+                for m in [1, 3, 8, 9, 40] {
+                    for (w, a) in own.iter().zip(&arranged) {
+                        let x = rand_vec(m * w.k, 30);
+                        let (mut want, mut got) = (vec![0f32; m * w.n], vec![0f32; m * w.n]);
+                        pool.install(|| {
+                            gemm(&mut want, w.n, &x, w.k, m, w);
+                            crate::cpu::team::with_team(|| gemm(&mut got, a.n, &x, a.k, m, a));
+                        });
+                        assert!(want == got, "{}x{}, m = {m}, arena {arena_threads}, pool {pool_threads}", w.k, w.n);
+                        let mut slow = vec![0f32; m * w.n];
+                        gemm_slow(&mut slow, w.n, &x, w.k, m, w);
+                        assert!(want.iter().zip(&slow).all(|(x, y)| (x - y).abs() <= 1e-4), "{}x{}, m = {m}: vs slow", w.k, w.n);
+                    }
+                }
+            }
         }
     }
 

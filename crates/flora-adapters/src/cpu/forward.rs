@@ -50,9 +50,9 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]
     let wt = base.wt;
     assert_eq!(x.len(), n * di, "forward: x has {} values, expected {n}x{di}", x.len());
     assert_eq!(wt.len(), di * dout, "forward: weight has {} values, expected {di}x{dout}", wt.len());
-    // Decode rows' LoRA with bf16 tables runs beside the bf16 base GEMM (see `forward_pooled`).
+    // LoRA with bf16 tables runs beside the bf16 base GEMM (see `forward_pooled`).
     if let (true, Some(packed), Some(p16)) = (plan.all_direct(), base.bf16, params16) {
-        if plan.segments.iter().any(|(s, e)| beside_gemm(s, e)) {
+        if plan.segments.iter().any(|(_, e)| beside_gemm(e)) {
             let adapters = Some(PooledAdapters { params, params16: p16, plan });
             return forward_pooled(x, n, di, &[Pooled { packed, adapters }]).pop().expect("one projection");
         }
@@ -81,10 +81,10 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]
     y
 }
 
-/// Whether a segment's LoRA runs beside the bf16 base GEMM (when the call does that at all):
-/// decode rows, which take the per-row loops of [`lora_add`].
-fn beside_gemm(seg: &Segment, exec: &SegmentExec) -> bool {
-    matches!(exec, SegmentExec::Lora(_)) && seg.len <= LORA_ROW_LOOP_MAX
+/// Whether a segment's LoRA runs beside the bf16 base GEMM (when the call has bf16 tables):
+/// LoRA terms do not depend on the base output.
+fn beside_gemm(exec: &SegmentExec) -> bool {
+    matches!(exec, SegmentExec::Lora(_))
 }
 
 /// One projection of [`forward_pooled`]: its packed bf16 base weight and, if it has adapters,
@@ -94,7 +94,7 @@ pub struct Pooled<'a> {
     pub adapters: Option<PooledAdapters<'a>>,
 }
 
-/// A projection's adapter tables (f32, and the bf16 copy decode rows read) and plan.
+/// A projection's adapter tables (f32, and the bf16 copy LoRA reads) and plan.
 pub struct PooledAdapters<'a> {
     pub params: &'a [f32],
     pub params16: &'a [u16],
@@ -102,13 +102,13 @@ pub struct PooledAdapters<'a> {
 }
 
 /// `x [n, d_in]` through several bf16 projections that share it (a block's q, k and v; gate and
-/// up), each output as [`forward`] computes it. Their GEMM column ranges and their decode rows'
-/// LoRA terms (`scale * B^T (A x)` from the bf16 tables: independent of the base output) form
+/// up), each output as [`forward`] computes it. Their GEMM column ranges and their LoRA segments'
+/// terms (`scale * B^T (A x)` from the bf16 tables: independent of the base output) form
 /// one pool of work: one thread starts on the LoRA terms (streaming adapter tables,
 /// memory-bound) while the others start on the GEMMs (arithmetic-bound once many rows meet),
 /// and each then helps with what is left of the other. The threads meet once for all the
 /// projections. LoRA terms go to their own buffers and are added at the end; the remaining
-/// epilogues (IA3 on the output, long LoRA segments) follow.
+/// epilogues (IA3 on the output) follow.
 pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<Vec<f32>> {
     assert_eq!(x.len(), n * di, "forward_pooled: x has {} values, expected {n}x{di}", x.len());
     // (projection, segment, slot) of every LoRA segment that runs beside the GEMMs.
@@ -118,7 +118,7 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         if let Some(a) = &p.adapters {
             assert!(a.plan.all_direct() && a.plan.n_rows == n, "forward_pooled: projection {pi} has rows that do not enter the GEMM unchanged");
             lora.extend(a.plan.segments.iter().filter_map(|(seg, exec)| match exec {
-                SegmentExec::Lora(spec) if beside_gemm(seg, exec) => Some((pi, seg, spec)),
+                SegmentExec::Lora(spec) if beside_gemm(exec) => Some((pi, seg, spec)),
                 _ => None,
             }));
         }
@@ -147,9 +147,19 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         let gemms: Vec<super::bf16::GemmParts> =
             ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::new(y, p.packed.n(), x, di, n, p.packed)).collect();
         let items = gemms.iter().map(|g| g.len()).sum::<usize>() + lora.len();
+        let decode = gemms.iter().all(|g| g.is_decode());
         let run_gemms = || gemms.iter().for_each(|g| while g.run_next() {});
-        super::team::par_for(super::matmul::n_threads().min(items), |w| {
-            if w % 2 == 1 {
+        let workers = if decode { gemms.iter().map(|g| g.len()).max().unwrap_or(1) } else { super::matmul::n_threads().min(items) };
+        super::team::par_for(workers, |w| {
+            if decode {
+                // Bandwidth-bound: each thread streams its own share of every GEMM in turn
+                // (one run through the arena), then helps with the LoRA terms; a late thread's
+                // shares are taken by whichever call comes first, one per GEMM and call.
+                gemms.iter().for_each(|g| {
+                    g.run_one();
+                });
+                while run_lora() {}
+            } else if w % 2 == 1 {
                 while run_lora() {}
                 run_gemms();
             } else {
@@ -290,14 +300,14 @@ pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params:
 }
 
 /// Step 3: LoRA shrink/expand and IA3 output scaling, segments in parallel when worth it.
-/// `beside`: decode rows' LoRA was done beside the GEMM ([`forward_pooled`]).
+/// `beside`: LoRA was done beside the GEMM ([`forward_pooled`]).
 fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan, y: &mut [f32], beside: bool) {
     let (di, dout) = (plan.d_in, plan.d_out);
-    let mine = |s: &Segment, e: &SegmentExec| matches!(e, SegmentExec::Lora(_) | SegmentExec::Ia3Out(_)) && !(beside && beside_gemm(s, e));
+    let mine = |e: &SegmentExec| matches!(e, SegmentExec::Lora(_) | SegmentExec::Ia3Out(_)) && !(beside && beside_gemm(e));
     let work: usize = plan
         .segments
         .iter()
-        .filter(|(s, e)| mine(s, e))
+        .filter(|(_, e)| mine(e))
         .map(|(s, e)| match e {
             SegmentExec::Lora(spec) => 2 * s.len * spec.rank * (di + dout),
             SegmentExec::Ia3Out(_) => s.len * dout,
@@ -309,7 +319,7 @@ fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPl
     }
     let jobs: Vec<(&mut [f32], &Segment, &SegmentExec)> = split_segments_mut(y, dout, &plan.segments)
         .into_iter()
-        .filter(|(_, s, e)| mine(s, e))
+        .filter(|(_, _, e)| mine(e))
         .collect();
     let run = |(ys, seg, exec): (&mut [f32], &Segment, &SegmentExec)| {
         let xs = &x[seg.start * di..(seg.start + seg.len) * di];
@@ -334,21 +344,16 @@ fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPl
 fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params16: Option<&[u16]>, len: usize, di: usize, dout: usize) {
     let (a, bt) = spec.parts(params, di, dout);
     let r = spec.rank;
-    if len <= LORA_ROW_LOOP_MAX {
-        match params16 {
-            // The same values from the bf16 copy: half the bytes of the adapter's tables.
-            Some(p16) => {
-                let (a16, bt16) = spec.parts(p16, di, dout);
-                lora_rows_bf16(ys, xs, a16, bt16, spec, di, dout)
-            }
-            None => lora_rows(ys, xs, a, bt, spec, di, dout, dot, axpy),
-        }
+    if let Some(p16) = params16 {
+        // bf16 inference: the bf16 copy (half the bytes), row by row at every length, so a
+        // row's output does not depend on its segment's length (the tables of one segment stay
+        // in cache across its rows).
+        let (a16, bt16) = spec.parts(p16, di, dout);
+        lora_rows_bf16(ys, xs, a16, bt16, spec, di, dout)
+    } else if len <= LORA_ROW_LOOP_MAX {
+        lora_rows(ys, xs, a, bt, spec, di, dout, dot, axpy)
     } else {
         let mut t = vec![0f32; len * r];
-        // bf16 inference: the shrink sees the rows rounded to bf16, as decode rows' does
-        // ([`lora_rows_bf16`]), so a row's output does not depend on its segment's length.
-        let rounded = params16.map(|_| super::bf16::rounded_copy(xs));
-        let xs = rounded.as_deref().unwrap_or(xs);
         matmul(&mut t, r, MatRef::row_major(xs, len, di), MatRef::row_major(a, r, di).t(), spec.scale, 0.0);
         matmul(ys, dout, MatRef::row_major(&t, len, r), MatRef::row_major(bt, r, dout), 1.0, 1.0);
     }
