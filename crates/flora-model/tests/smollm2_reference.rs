@@ -192,6 +192,7 @@ fn bf16_weights_stay_close_to_the_reference() {
         greedy_compared += compared;
     }
     eprintln!("bf16 argmax agrees at {agree} of {positions} positions");
+    assert!(greedy_compared > 0, "no reference token had a clear enough margin to compare bf16 greedy choices");
     assert!(
         agree * 100 >= positions * 90,
         "bf16 argmax agrees at only {agree} of {positions} positions"

@@ -81,8 +81,8 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]
     y
 }
 
-/// Whether a segment's LoRA runs beside the bf16 base GEMM (when the call has bf16 tables):
-/// LoRA terms do not depend on the base output.
+/// Whether a segment runs beside the bf16 base GEMM in [`forward_pooled`] (when the call has
+/// bf16 tables): LoRA, whose terms do not depend on the base output.
 fn beside_gemm(exec: &SegmentExec) -> bool {
     matches!(exec, SegmentExec::Lora(_))
 }
@@ -118,7 +118,7 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         if let Some(a) = &p.adapters {
             assert!(a.plan.all_direct() && a.plan.n_rows == n, "forward_pooled: projection {pi} has rows that do not enter the GEMM unchanged");
             lora.extend(a.plan.segments.iter().filter_map(|(seg, exec)| match exec {
-                SegmentExec::Lora(spec) if beside_gemm(exec) => Some((pi, seg, spec)),
+                SegmentExec::Lora(spec) => Some((pi, seg, spec)),
                 _ => None,
             }));
         }
