@@ -242,3 +242,54 @@ fn projections_sharing_an_input_equal_one_call_each() {
         }
     }
 }
+
+#[test]
+fn pooled_decode_on_an_arena_matches_one_call_each_and_the_reference() {
+    // q/k/v-like bf16 projections big enough that decode GEMMs split into per-thread shares,
+    // their weights laid out in a decode arena for 1-3 threads and used from pools of 1-3
+    // threads inside a step's team: pooled outputs equal one call per projection on weights
+    // packed alone, bit for bit, and the f64 reference within bf16 precision.
+    let mut kinds: Vec<Kind> = [1, 4, 8, 33].into_iter().map(Kind::Lora).collect();
+    kinds.push(Kind::Ia3Out);
+    let d_in = 577;
+    let fixtures: Vec<Fixture> = [(600, 1), (129, 2), (1000, 3)].iter().map(|&(d_out, seed)| Fixture::new(d_in, d_out, &kinds, seed)).collect();
+    let bf16_bases = || -> Vec<BaseWeight> {
+        fixtures
+            .iter()
+            .map(|fx| {
+                let mut b = BaseWeight::from_out_in(&fx.w0_tensor()).unwrap();
+                b.set_format(WeightFormat::Bf16).unwrap();
+                b
+            })
+            .collect()
+    };
+    let alone = bf16_bases();
+    let layers: Vec<_> = fixtures.iter().map(|fx| fx.layer.with_bf16_tables().unwrap()).collect();
+    let opts = ExecOptions::default();
+    for n_rows in [1, 5, 9] {
+        for (pi, pattern) in PATTERNS.iter().enumerate() {
+            let batch = AdapterBatch::from_row_slots(rows_for(*pattern, n_rows, kinds.len(), 70 + pi as u64));
+            let x = random_input(n_rows, d_in, 80 + pi as u64);
+            let want: Vec<Vec<f64>> = fixtures.iter().map(|fx| fx.reference(&x, &batch)).collect();
+            for arena_threads in 1..=3 {
+                let mut arranged = bf16_bases();
+                rayon::ThreadPoolBuilder::new().num_threads(arena_threads).build().unwrap().install(|| {
+                    BaseWeight::arrange_bf16_for_decode(&mut arranged.iter_mut().collect::<Vec<_>>());
+                });
+                for pool_threads in 1..=3 {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(pool_threads).build().unwrap();
+                    let projections: Vec<_> = arranged.iter().zip(&layers).map(|(b, l)| (b, Some(l))).collect();
+                    let many = pool.install(|| flora_adapters::cpu::team::with_team(|| flora_adapters::adapted_linear_rows_many(&x, &projections, &batch, &opts).unwrap()));
+                    for (i, ((base, layer), got)) in alone.iter().zip(&layers).zip(&many).enumerate() {
+                        let one = pool.install(|| adapted_linear_rows(&x, base, &batch, Some(layer), &opts).unwrap());
+                        let what = format!("{n_rows} rows, {pattern:?}, arena {arena_threads}, pool {pool_threads}, projection {i}");
+                        assert!(*got == one, "{what}: pooled output differs from one call");
+                        let scale = want[i].iter().fold(1f64, |m, v| m.max(v.abs()));
+                        let err = got.iter().zip(&want[i]).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale;
+                        assert!(err < 2e-2, "{what}: {err} of the largest output off the reference");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -76,20 +76,29 @@ pub struct PackedBf16 {
 pub fn arrange_for_decode(weights: &mut [&mut PackedBf16], threads: usize) {
     let threads = threads.max(1);
     let total: usize = weights.iter().map(|w| w.panels() * w.kp * NR).sum();
-    let mut arena = Vec::with_capacity(total);
+    // Written in place (a Vec turned into an Arc would be copied: three times the bytes at
+    // the peak instead of two).
+    let mut arena = std::sync::Arc::<[u32]>::new_uninit_slice(total);
+    let buf = std::sync::Arc::get_mut(&mut arena).expect("a fresh arena has one owner");
+    let mut at = 0;
     let mut runs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); weights.len()];
     for t in 0..threads {
         for (w, runs) in weights.iter().zip(runs.iter_mut()) {
             let (p0, p1) = decode_share(w.panels(), threads, t);
             if p0 < p1 {
-                runs.push((p0, arena.len()));
+                runs.push((p0, at));
                 for p in p0..p1 {
-                    arena.extend_from_slice(w.panel(p));
+                    for (dst, &word) in buf[at..].iter_mut().zip(w.panel(p)) {
+                        dst.write(word);
+                    }
+                    at += w.kp * NR;
                 }
             }
         }
     }
-    let arena: std::sync::Arc<[u32]> = arena.into();
+    assert_eq!(at, total, "bf16 arrange_for_decode: every panel placed once");
+    // SAFETY: the loop above wrote all `total` words (asserted).
+    let arena: std::sync::Arc<[u32]> = unsafe { arena.assume_init() };
     for (w, runs) in weights.iter_mut().zip(runs) {
         w.words = arena.clone();
         w.runs = if runs.is_empty() { vec![(0, 0)] } else { runs };
@@ -302,6 +311,8 @@ impl<'a> GemmParts<'a> {
         let (k, n, kp) = (w.k, w.n, w.kp);
         assert!(m == 0 || (m - 1) * lda + k <= a.len(), "bf16 gemm: A out of bounds");
         assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(), "bf16 gemm: C out of bounds");
+        // Column ranges of different threads must not share elements of C.
+        assert!(m <= 1 || ldc >= n, "bf16 gemm: row stride {ldc} of C under its {n} columns");
         let mut a16 = A_BF16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
         if a16.len() < m * kp {
             a16.resize(m * kp, 0);

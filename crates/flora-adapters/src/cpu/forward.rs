@@ -104,11 +104,12 @@ pub struct PooledAdapters<'a> {
 /// `x [n, d_in]` through several bf16 projections that share it (a block's q, k and v; gate and
 /// up), each output as [`forward`] computes it. Their GEMM column ranges and their LoRA segments'
 /// terms (`scale * B^T (A x)` from the bf16 tables: independent of the base output) form
-/// one pool of work: one thread starts on the LoRA terms (streaming adapter tables,
-/// memory-bound) while the others start on the GEMMs (arithmetic-bound once many rows meet),
-/// and each then helps with what is left of the other. The threads meet once for all the
-/// projections. LoRA terms go to their own buffers and are added at the end; the remaining
-/// epilogues (IA3 on the output) follow.
+/// one pool of work, and the threads meet once for all the projections. Decode rows (GEMMs
+/// split in per-thread shares): each thread streams its share of every GEMM in turn, then
+/// takes LoRA segments. More rows: one thread starts on the LoRA terms (streaming adapter
+/// tables, memory-bound) while the others start on the GEMMs (arithmetic-bound), and each
+/// then helps with what is left of the other. LoRA terms go to their own buffers and are added
+/// at the end; the remaining epilogues (IA3 on the output) follow.
 pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<Vec<f32>> {
     assert_eq!(x.len(), n * di, "forward_pooled: x has {} values, expected {n}x{di}", x.len());
     // (projection, segment, slot) of every LoRA segment that runs beside the GEMMs.
