@@ -174,6 +174,13 @@ pub fn adapted_linear_rows(
 ) -> Result<Vec<f32>> {
     let name = adapters.map_or("base", |a| a.name());
     let n_rows = check_input(name, &[x.len()], x.len() % base.d_in == 0, x.len(), base, adapters, batch)?;
+    // A plan error reaches the caller as a kernel error, as it always has from this entry point.
+    let planned = adapters.map(|a| plan_layer(batch, a, opts).map(|plan| (a, plan)).map_err(|e| candle_core::Error::Msg(e.to_string()))).transpose()?;
+    rows_planned(x, n_rows, base, planned.as_ref().map(|(a, plan)| (*a, plan)))
+}
+
+/// [`adapted_linear_rows`] after its checks, with the adapters' plan made.
+fn rows_planned(x: &[f32], n_rows: usize, base: &BaseWeight, adapters: Option<(&LayerAdapters, &LayerPlan)>) -> Result<Vec<f32>> {
     let bf16 = base.bf16.as_deref();
     Ok(with_cpu_tensor(&base.wt, "base weight", |wt| {
         let base_ref = BaseRef { wt, bf16 };
@@ -183,10 +190,9 @@ pub fn adapted_linear_rows(
                 base_ref.gemm(&mut y, x, n_rows, base.d_in, base.d_out);
                 Ok(y)
             }
-            Some(a) => {
-                let plan = plan_layer(batch, a, opts).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Some((a, plan)) => {
                 let params16 = a.bf16_params().map(|p| &p[..]);
-                with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, params16, &plan)))
+                with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, params16, plan)))
             }
         }
     })?)
@@ -220,20 +226,18 @@ pub fn adapted_linear_rows_many(
                 }
         });
     if !poolable {
-        return projections.iter().map(|&(base, adapters)| adapted_linear_rows(x, base, batch, adapters, opts)).collect();
+        return projections
+            .iter()
+            .zip(&plans)
+            .map(|(&(base, adapters), plan)| rows_planned(x, n_rows, base, adapters.zip(plan.as_ref())))
+            .collect();
     }
     // Every adapter table's storage stays locked for reading while the kernels run.
     let guards: Vec<_> = projections.iter().map(|(_, a)| a.map(|a| a.params().storage_and_layout())).collect();
-    let mut params: Vec<Option<&[f32]>> = Vec::with_capacity(guards.len());
-    for g in &guards {
-        params.push(match g {
-            None => None,
-            Some((storage, layout)) => match &**storage {
-                candle_core::Storage::Cpu(s) => Some(f32_slice(s, layout, "adapter params")?),
-                _ => return Err(candle_core::Error::Msg("adapted_linear: adapter params must be on the CPU (no GPU kernel yet)".into()).into()),
-            },
-        });
-    }
+    let params = guards
+        .iter()
+        .map(|g| g.as_ref().map(|(storage, layout)| cpu_f32(storage, layout, "adapter params")).transpose())
+        .collect::<candle_core::Result<Vec<Option<&[f32]>>>>()?;
     let pooled: Vec<cpu::forward::Pooled> = projections
         .iter()
         .zip(&plans)
@@ -296,8 +300,13 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 
 pub(crate) fn with_cpu_tensor<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => f(f32_slice(s, layout, what)?),
+    f(cpu_f32(&storage, layout, what)?)
+}
+
+/// The f32 contents of a contiguous tensor's storage, which must be on the CPU.
+fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(s) => f32_slice(s, layout, what),
         _ => candle_core::bail!("adapted_linear: {what} must be on the CPU (no GPU kernel yet)"),
     }
 }

@@ -101,18 +101,27 @@ fn attend_row_split(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: Row
         attend_part(po, ps, q, &kc[j0 * kd..j1 * kd], &vc[j0 * kd..j1 * kd], shape);
     });
     let results: Vec<(Vec<f32>, Vec<Softmax>)> = results.into_iter().map(|m| m.into_inner().expect("parts finished")).collect();
-    for h in 0..shape.n_heads {
+    let mut merged = vec![Softmax::EMPTY; shape.n_heads];
+    for (h, state) in merged.iter_mut().enumerate() {
         let max = results.iter().fold(f32::NEG_INFINITY, |m, (_, s)| m.max(s[h].max));
         let oh = &mut o[h * shape.hd..(h + 1) * shape.hd];
         oh.fill(0.0);
-        let mut sum = 0f32;
+        *state = Softmax { max, sum: 0.0 };
         for (po, ps) in &results {
             let w = (ps[h].max - max).exp();
-            sum += ps[h].sum * w;
+            state.sum += ps[h].sum * w;
             axpy(oh, w, &po[h * shape.hd..(h + 1) * shape.hd]);
         }
+    }
+    normalize(o, &merged, shape.hd);
+}
+
+/// Divides each head's unnormalized output by its softmax sum.
+fn normalize(o: &mut [f32], states: &[Softmax], hd: usize) {
+    for (oh, s) in o.chunks_exact_mut(hd).zip(states) {
+        let inv = 1.0 / s.sum;
         for v in oh.iter_mut() {
-            *v /= sum;
+            *v *= inv;
         }
     }
 }
@@ -145,12 +154,7 @@ struct RowShape {
 fn attend_row(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
     let mut states = vec![Softmax::EMPTY; shape.n_heads];
     attend_part(o, &mut states, q, kc, vc, shape);
-    for (oh, s) in o.chunks_exact_mut(shape.hd).zip(&states) {
-        let inv = 1.0 / s.sum;
-        for v in oh.iter_mut() {
-            *v *= inv;
-        }
-    }
+    normalize(o, &states, shape.hd);
 }
 
 /// One query row against some positions of its sequence (`kc`, `vc` `[positions, kd]`, at
@@ -343,9 +347,7 @@ mod tests {
                 let mut portable = vec![f32::NAN; n_heads * hd];
                 let mut states = vec![Softmax::EMPTY; n_heads];
                 attend_part_body(&mut portable, &mut states, &q, &kc, &vc, s);
-                for (oh, st) in portable.chunks_exact_mut(hd).zip(&states) {
-                    oh.iter_mut().for_each(|v| *v /= st.sum);
-                }
+                normalize(&mut portable, &states, hd);
                 // f32 sums over the positions: the tolerance grows with their number.
                 let tol = |w: f32| 1e-5 * (1.0 + w.abs()) * (1.0 + positions as f32 / 1000.0);
                 for (i, w) in want.iter().enumerate() {

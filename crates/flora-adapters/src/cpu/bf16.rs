@@ -291,8 +291,9 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &Pack
 pub struct GemmParts<'a> {
     c: SendPtr,
     ldc: usize,
-    /// A's rows rounded to bf16 pairs, `[m, kp]` (the thread-local buffer, returned on drop).
-    a16: Vec<u32>,
+    /// A's rows rounded to bf16 pairs, `[m, kp]`: the caller's ([`Self::over_rounded`]) or the
+    /// thread-local buffer, returned on drop.
+    a16: std::borrow::Cow<'a, [u32]>,
     m: usize,
     w: &'a PackedBf16,
     /// Panel ranges `(p0, p1)`. Decode (at most [`MR`] rows, bandwidth-bound): one share per
@@ -308,16 +309,27 @@ pub struct GemmParts<'a> {
 
 impl<'a> GemmParts<'a> {
     pub fn new(c: &'a mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &'a PackedBf16) -> Self {
-        let (k, n, kp) = (w.k, w.n, w.kp);
-        assert!(m == 0 || (m - 1) * lda + k <= a.len(), "bf16 gemm: A out of bounds");
+        assert!(m == 0 || (m - 1) * lda + w.k <= a.len(), "bf16 gemm: A out of bounds");
+        let mut a16 = A_BF16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
+        if a16.len() < m * w.kp {
+            a16.resize(m * w.kp, 0);
+        }
+        round_rows(&mut a16, a, lda, m, w.k);
+        Self::with_rows(c, ldc, std::borrow::Cow::Owned(a16), m, w)
+    }
+
+    /// [`Self::new`] over rows the caller has rounded already (`a16 [m, kp]`, as
+    /// [`round_rows`] writes them): several GEMMs of one input round it once.
+    pub fn over_rounded(c: &'a mut [f32], ldc: usize, a16: &'a [u32], m: usize, w: &'a PackedBf16) -> Self {
+        assert!(a16.len() >= m * w.kp, "bf16 gemm: {} rounded words for {m} rows of {} pairs", a16.len(), w.kp);
+        Self::with_rows(c, ldc, std::borrow::Cow::Borrowed(a16), m, w)
+    }
+
+    fn with_rows(c: &'a mut [f32], ldc: usize, a16: std::borrow::Cow<'a, [u32]>, m: usize, w: &'a PackedBf16) -> Self {
+        let (k, n) = (w.k, w.n);
         assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(), "bf16 gemm: C out of bounds");
         // Column ranges of different threads must not share elements of C.
         assert!(m <= 1 || ldc >= n, "bf16 gemm: row stride {ldc} of C under its {n} columns");
-        let mut a16 = A_BF16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
-        if a16.len() < m * kp {
-            a16.resize(m * kp, 0);
-        }
-        round_rows(&mut a16, a, lda, m, k);
         let panels = if m == 0 { 0 } else { w.panels() };
         let flops = 2 * m * n * k;
         // Split once there is enough arithmetic or enough weight to stream: a decode step's
@@ -394,7 +406,7 @@ impl<'a> GemmParts<'a> {
 
 impl Drop for GemmParts<'_> {
     fn drop(&mut self) {
-        let a16 = std::mem::take(&mut self.a16);
+        let std::borrow::Cow::Owned(a16) = std::mem::take(&mut self.a16) else { return };
         A_BF16.with(|buf| {
             let mut buf = buf.borrow_mut();
             if buf.len() < a16.len() {

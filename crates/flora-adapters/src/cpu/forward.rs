@@ -125,6 +125,12 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         }
     }
     let mut ys: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; n * p.packed.n()]).collect();
+    // x rounded to bf16 pairs once, for every GEMM and every LoRA shrink.
+    let kp = di.div_ceil(2);
+    let mut x16 = vec![0u32; n * kp];
+    if n > 0 {
+        super::bf16::round_rows(&mut x16, x, di, n, di);
+    }
     // Each LoRA segment's terms `[len, d_out]`, in the order of `lora`.
     let mut terms = vec![0f32; lora.iter().map(|&(pi, seg, _)| seg.len * projs[pi].packed.n()).sum()];
     {
@@ -142,11 +148,11 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
             let (dout, p16) = (projs[pi].packed.n(), projs[pi].adapters.as_ref().expect("LoRA has tables").params16);
             let (a16, bt16) = spec.parts(p16, di, dout);
             let mut out = parts[k].lock().expect("one writer per segment");
-            lora_rows_bf16(&mut out, &x[seg.start * di..(seg.start + seg.len) * di], a16, bt16, spec, di, dout);
+            lora_rows_rounded(&mut out, &x16[seg.start * kp..(seg.start + seg.len) * kp], a16, bt16, spec, di, dout);
             true
         };
         let gemms: Vec<super::bf16::GemmParts> =
-            ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::new(y, p.packed.n(), x, di, n, p.packed)).collect();
+            ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::over_rounded(y, p.packed.n(), &x16, n, p.packed)).collect();
         let items = gemms.iter().map(|g| g.len()).sum::<usize>() + lora.len();
         let decode = gemms.iter().all(|g| g.is_decode());
         let run_gemms = || gemms.iter().for_each(|g| while g.run_next() {});
@@ -352,7 +358,7 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
         let (a16, bt16) = spec.parts(p16, di, dout);
         lora_rows_bf16(ys, xs, a16, bt16, spec, di, dout)
     } else if len <= LORA_ROW_LOOP_MAX {
-        lora_rows(ys, xs, a, bt, spec, di, dout, dot, axpy)
+        lora_rows(ys, xs, a, bt, spec, di, dout)
     } else {
         let mut t = vec![0f32; len * r];
         matmul(&mut t, r, MatRef::row_major(xs, len, di), MatRef::row_major(a, r, di).t(), spec.scale, 0.0);
@@ -360,18 +366,28 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
     }
 }
 
-/// [`lora_rows`] over bf16 tables (bf16 inference): the row is rounded to bf16 like the base
-/// GEMM's input, so the shrink's dots run on `vdpbf16ps` ([`super::bf16::dot_pairs`]); the
-/// expansion adds one rank row at a time (all rank rows per column block at once, i.e. r
-/// streams, measured slower).
+/// [`lora_rows`] over bf16 tables (bf16 inference): the rows are rounded to bf16 like the
+/// base GEMM's input (see [`lora_rows_rounded`]).
 #[allow(clippy::too_many_arguments)]
 fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &SlotSpec, di: usize, dout: usize) {
-    let mut xw = vec![0u32; di.div_ceil(2)];
+    let rows = xs.len() / di;
+    let mut x16 = vec![0u32; rows * di.div_ceil(2)];
+    if rows > 0 {
+        super::bf16::round_rows(&mut x16, xs, di, rows, di);
+    }
+    lora_rows_rounded(ys, &x16, a16, bt16, spec, di, dout)
+}
+
+/// LoRA over bf16 tables for rows already rounded to bf16 pairs (`x16 [rows, ceil(d_in/2)]`):
+/// the shrink's dots run on `vdpbf16ps` ([`super::bf16::dot_pairs`]); the expansion adds one
+/// rank row at a time (all rank rows per column block at once, i.e. r streams, measured
+/// slower).
+#[allow(clippy::too_many_arguments)]
+fn lora_rows_rounded(ys: &mut [f32], x16: &[u32], a16: &[u16], bt16: &[u16], spec: &SlotSpec, di: usize, dout: usize) {
     let mut t = vec![0f32; spec.rank];
-    for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
-        super::bf16::round_rows(&mut xw, xr, di, 1, di);
+    for (yr, xw) in ys.chunks_exact_mut(dout).zip(x16.chunks_exact(di.div_ceil(2))) {
         for (j, tj) in t.iter_mut().enumerate() {
-            *tj = spec.scale * super::bf16::dot_pairs(&a16[j * di..(j + 1) * di], &xw);
+            *tj = spec.scale * super::bf16::dot_pairs(&a16[j * di..(j + 1) * di], xw);
         }
         for (j, &tj) in t.iter().enumerate() {
             axpy_bf16(yr, tj, &bt16[j * dout..(j + 1) * dout]);
@@ -379,20 +395,10 @@ fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &
     }
 }
 
-/// Short segments of [`lora_add`]: per row, `t = scale * A x` by dots, then `y += B^T t` by
-/// axpys, over tables of f32 or bf16 values.
+/// Short segments of [`lora_add`] with f32 tables: per row, `t = scale * A x` by dots, then
+/// `y += B^T t` by axpys.
 #[allow(clippy::too_many_arguments)]
-fn lora_rows<T>(
-    ys: &mut [f32],
-    xs: &[f32],
-    a: &[T],
-    bt: &[T],
-    spec: &SlotSpec,
-    di: usize,
-    dout: usize,
-    dot: impl Fn(&[T], &[f32]) -> f32,
-    axpy: impl Fn(&mut [f32], f32, &[T]),
-) {
+fn lora_rows(ys: &mut [f32], xs: &[f32], a: &[f32], bt: &[f32], spec: &SlotSpec, di: usize, dout: usize) {
     let mut t = vec![0f32; spec.rank];
     for (yr, xr) in ys.chunks_exact_mut(dout).zip(xs.chunks_exact(di)) {
         for (j, tj) in t.iter_mut().enumerate() {
