@@ -16,21 +16,20 @@ const BASE: &str = "base-model";
 
 struct Shared {
     server: TestServer,
-    _dir: tempfile::TempDir,
 }
 
 /// One server for the tests that do not change its configuration.
 fn shared() -> &'static Shared {
     static S: OnceLock<Shared> = OnceLock::new();
     S.get_or_init(|| {
-        let dir = adapters_dir();
+        let dir = adapters_dir("server_e2e-adapters");
         let opts = ServeOptions {
             model_name: BASE.into(),
-            adapters_dir: Some(dir.path().to_path_buf()),
+            adapters_dir: Some(dir),
             max_body_bytes: 64 * 1024,
             ..ServeOptions::default()
         };
-        Shared { server: TestServer::start(opts), _dir: dir }
+        Shared { server: TestServer::start(opts) }
     })
 }
 

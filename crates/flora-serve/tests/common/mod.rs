@@ -70,14 +70,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// An adapters directory with the three PEFT-made fixtures and a few broken adapters.
-pub fn adapters_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for name in ["lora_r4_all", "lora_r2_qv", "ia3_kv_down"] {
-        copy_dir(&testdata().join("peft").join(name), &dir.path().join(name));
+/// An adapters directory with the three PEFT-made fixtures and a few broken adapters, at
+/// `name` under cargo's temporary directory for integration tests (emptied first). A fixed
+/// place rather than a `TempDir`: the server that uses it lives in a `static`, which is never
+/// dropped, so a `TempDir` would be left behind in the system's temporary directory on
+/// every run.
+pub fn adapters_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("cannot empty {}: {e}", dir.display()),
+        _ => {}
     }
-    copy_dir(&testdata().join("peft/lora_r4_all"), &dir.path().join("lora_unload_me"));
-    broken_adapters(dir.path());
+    for name in ["lora_r4_all", "lora_r2_qv", "ia3_kv_down"] {
+        copy_dir(&testdata().join("peft").join(name), &dir.join(name));
+    }
+    copy_dir(&testdata().join("peft/lora_r4_all"), &dir.join("lora_unload_me"));
+    broken_adapters(&dir);
     dir
 }
 
