@@ -94,9 +94,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut stdout = stdout.lock();
     let t0 = Instant::now();
-    let logits = model.step(&mut [SeqStep { tokens: &prompt, cache: &mut cache, slot, logits: Logits::Last }], adapter.as_ref())?;
+    let mut logits = model.step_rows(&mut [SeqStep { tokens: &prompt, cache: &mut cache, slot, logits: Logits::Last }], adapter.as_ref())?;
     let t_prefill = t0.elapsed().as_secs_f64();
-    let mut logits: Vec<f32> = logits.to_vec2::<f32>()?.remove(0);
     let mut n_gen = 0;
     let eos = tok.eos_id();
     while n_gen < args.max_tokens {
@@ -113,8 +112,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if stopped || n_gen == args.max_tokens {
             break;
         }
-        let l = model.step(&mut [SeqStep { tokens: &[next], cache: &mut cache, slot, logits: Logits::Last }], adapter.as_ref())?;
-        logits = l.to_vec2::<f32>()?.remove(0);
+        logits = model.step_rows(&mut [SeqStep { tokens: &[next], cache: &mut cache, slot, logits: Logits::Last }], adapter.as_ref())?;
     }
     let (rest, _) = out.push(&decoder.finish());
     stdout.write_all(rest.as_bytes())?;

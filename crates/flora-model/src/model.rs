@@ -313,13 +313,21 @@ impl Llama {
     /// One inference step over ragged sequences. Appends to each sequence's cache and returns
     /// logits `[rows, vocab]` for the requested positions, sequence by sequence.
     pub fn step(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {
+        let rows = self.step_rows(seqs, adapters)?;
+        let n = rows.len() / self.cfg.vocab;
+        Ok(Tensor::from_vec(rows, (n, self.cfg.vocab), self.embed.device())?)
+    }
+
+    /// [`Llama::step`] with the logits as a plain `[rows, vocab]` buffer: what a sampler
+    /// reads, without a copy out of a tensor (32 rows of SmolLM's logits are 6.3 MB).
+    pub fn step_rows(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Vec<f32>> {
         // The step's ~200 parallel GEMMs are short: the pool's other workers spin for the
         // step's duration and take each GEMM's share at once (`team`), instead of sleeping
         // between GEMMs and being handed work through rayon's queues.
         flora_adapters::cpu::team::with_team(|| self.step_in_pool(seqs, adapters))
     }
 
-    fn step_in_pool(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Tensor> {
+    fn step_in_pool(&self, seqs: &mut [SeqStep], adapters: Option<&ModelAdapters>) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let mut spans = Vec::with_capacity(seqs.len());
         let mut tokens = Vec::new();
@@ -372,11 +380,10 @@ impl Llama {
         }
         let n_logits = logit_rows.len();
         if n_logits == 0 {
-            return Ok(Tensor::zeros((0, c.vocab), DType::F32, &dev)?);
+            return Ok(Vec::new());
         }
         let last: Vec<f32> = logit_rows.iter().flat_map(|&r| h[r as usize * c.hidden..(r as usize + 1) * c.hidden].iter().copied()).collect();
         let h = rows::rms_norm_rows(&last, &self.norm.values, c.rms_eps);
-        let logits = adapted_linear_rows(&h, &self.lm_head, &AdapterBatch::base_only(n_logits), None, &self.exec)?;
-        Ok(Tensor::from_vec(logits, (n_logits, c.vocab), &dev)?)
+        Ok(adapted_linear_rows(&h, &self.lm_head, &AdapterBatch::base_only(n_logits), None, &self.exec)?)
     }
 }

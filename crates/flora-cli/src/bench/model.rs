@@ -60,8 +60,8 @@ impl SettingRun {
             .enumerate()
             .map(|(i, (c, t))| SeqStep { tokens: t, cache: c, slot: (n_adapters > 0).then(|| (i % n_adapters) as u32), logits: Logits::Last })
             .collect();
-        let logits = model.step(&mut steps, self.packed.as_ref())?;
-        self.next = logits.to_vec2::<f32>()?.iter().map(|r| vec![flora_model::sampling::argmax(r)]).collect();
+        let logits = model.step_rows(&mut steps, self.packed.as_ref())?;
+        self.next = logits.chunks_exact(model.config().vocab).map(|r| vec![flora_model::sampling::argmax(r)]).collect();
         Ok(())
     }
 }

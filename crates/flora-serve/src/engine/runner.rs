@@ -198,7 +198,7 @@ impl Runner {
                         logits: if item.sample { Logits::Last } else { Logits::None },
                     })
                     .collect();
-                self.model.step(&mut steps, tables).and_then(|l| Ok(l.to_vec2::<f32>()?))
+                self.model.step_rows(&mut steps, tables)
             }
             Err(e) => Err(e),
         };
@@ -217,7 +217,7 @@ impl Runner {
                 return;
             }
         };
-        let mut rows = logits.into_iter();
+        let mut rows = logits.chunks_exact(self.model.config().vocab);
         for (item, mut a) in batch {
             self.sched.advance(&item);
             if !item.sample {
@@ -225,7 +225,7 @@ impl Runner {
                 continue;
             }
             let row = rows.next().expect("one logits row per sampling sequence");
-            let next = a.sampler.sample(&row, &a.tokens);
+            let next = a.sampler.sample(row, &a.tokens);
             let now = Instant::now();
             match a.last_token {
                 None => m::first_token(a.req.label(), now - a.submitted),

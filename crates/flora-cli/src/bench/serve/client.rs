@@ -14,6 +14,8 @@ pub struct Planned {
     pub model: String,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f32,
     /// Close the connection after this many streamed chunks (a client that goes away).
     pub disconnect_after: Option<usize>,
 }
@@ -59,7 +61,7 @@ pub async fn send(client: &reqwest::Client, base_url: &str, p: &Planned, timeout
         tokens: 0,
     };
     let body = json!({
-        "model": p.model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": 0,
+        "model": p.model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": p.temperature,
         "stream": true, "stream_options": { "include_usage": true }, "ignore_eos": true,
     });
     let result = tokio::time::timeout(timeout, async {

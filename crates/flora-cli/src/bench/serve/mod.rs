@@ -77,6 +77,9 @@ pub struct ServeBenchArgs {
     /// Fraction of soak requests whose client disconnects mid-stream.
     #[arg(long, default_value_t = 0.2)]
     pub disconnect_fraction: f64,
+    /// Sampling temperature of every request (0: greedy). The OpenAI API's default is 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
     /// A small, fast run (fewer ranks and requests).
     #[arg(long)]
     pub quick: bool,
@@ -174,6 +177,7 @@ fn plan(args: &ServeBenchArgs, names: &[String], pop: Popularity, n: usize, rng:
             model: names[picker.pick(rng, names.len())].clone(),
             prompt: (0..args.prompt_len.sample(rng)).map(|_| rng.random_range(1000..20000)).collect(),
             max_tokens: args.output_len.sample(rng),
+            temperature: args.temperature,
             disconnect_after: None,
         })
         .collect()
@@ -255,13 +259,14 @@ fn soak(args: &ServeBenchArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let picker = AdapterPicker::new(pop, names.len());
-    let (plen, olen, frac) = (args.prompt_len, args.output_len, args.disconnect_fraction);
+    let (plen, olen, frac, temperature) = (args.prompt_len, args.output_len, args.disconnect_fraction, args.temperature);
     let make = move || {
         let max_tokens = olen.sample(&mut rng);
         Planned {
             model: names[picker.pick(&mut rng, names.len())].clone(),
             prompt: (0..plen.sample(&mut rng)).map(|_| rng.random_range(1000..20000)).collect(),
             max_tokens,
+            temperature,
             disconnect_after: rng.random_bool(frac).then(|| rng.random_range(1..=max_tokens.max(1))),
         }
     };

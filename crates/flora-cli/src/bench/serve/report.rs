@@ -90,8 +90,9 @@ fn header(args: &ServeBenchArgs) -> String {
         (Some(_), _) => "the target server's".to_string(),
         (None, w) => w.unwrap_or_else(flora_adapters::WeightFormat::fastest_here).to_string(),
     };
+    let sampling = if args.temperature == 0.0 { "greedy".to_string() } else { format!("sampled at temperature {}", args.temperature) };
     format!(
-        "Machine: {}. Base weights: {weights}. Prompt {} tokens, output {} tokens (end-of-sequence ignored), greedy. Adapters on: {}.\n",
+        "Machine: {}. Base weights: {weights}. Prompt {} tokens, output {} tokens (end-of-sequence ignored), {sampling}. Adapters on: {}.\n",
         crate::bench::machine_description(),
         args.prompt_len,
         args.output_len,
