@@ -79,9 +79,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let path = flora_model::default_model::resolve_model(args.model.as_deref())?;
     let (model, tok) = crate::load::model_and_tokenizer(Some(&path), args.weights)?;
     let adapters = args.adapters.or_else(|| std::env::var_os("FLORA_ADAPTERS_DIR").map(PathBuf::from)).unwrap_or_else(|| flora_model::default_model::cache_dir().join("adapters"));
-    let c = model.config();
-    let kv_bytes_per_token = c.n_layers * c.kv_dim() * 2 * std::mem::size_of::<f32>();
-    let max_kv_tokens = (args.max_kv_bytes / kv_bytes_per_token).max(1);
+    let max_kv_tokens = (args.max_kv_bytes / model.kv_bytes_per_token()).max(1);
     let name = args.served_model_name.unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("base").to_string());
     let opts = ServeOptions {
         model_name: name.clone(),

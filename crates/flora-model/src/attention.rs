@@ -2,9 +2,9 @@
 //! its own new rows (a prefill chunk or one decode token) at its own position, attends to its
 //! own KV cache, and nothing is padded.
 
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvElem, KvRows};
 use crate::layers::Rope;
-use flora_adapters::cpu::vecops::{axpy, dot, exp_in_place};
+use flora_adapters::cpu::vecops::{axpy, exp_in_place};
 use rayon::prelude::*;
 
 /// Shapes of one attention layer.
@@ -50,8 +50,8 @@ pub fn ragged_attention(
             }
             row_owner.push((si, pos0 + t));
         }
-        cache.k[layer].extend_from_slice(&k[span.start * kd..(span.start + span.len) * kd]);
-        cache.v[layer].extend_from_slice(&v[span.start * kd..(span.start + span.len) * kd]);
+        cache.k[layer].push(&k[span.start * kd..(span.start + span.len) * kd]);
+        cache.v[layer].push(&v[span.start * kd..(span.start + span.len) * kd]);
     }
     let rep = n_heads / n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -60,18 +60,25 @@ pub fn ragged_attention(
     let q = &*q;
     let shape = RowShape { n_heads, rep, hd, kd, scale };
     let threads = flora_adapters::cpu::matmul::n_threads();
+    // Row `row` against the first `pos + 1` positions of its cache, in the cache's format;
+    // its positions split into up to `parts` parallel parts.
+    let attend = |o: &mut [f32], row: usize, si: usize, pos: usize, parts: usize| {
+        let n = (pos + 1) * kd;
+        let q = &q[row * qd..(row + 1) * qd];
+        match (&caches[si].k[layer], &caches[si].v[layer]) {
+            (KvRows::F32(kc), KvRows::F32(vc)) => attend_row_split(o, q, &kc[..n], &vc[..n], shape, parts),
+            (KvRows::Bf16(kc), KvRows::Bf16(vc)) => attend_row_split(o, q, &kc[..n], &vc[..n], shape, parts),
+            _ => unreachable!("a cache holds keys and values in one format"),
+        }
+    };
     if row_owner.len() < threads {
         // Fewer rows than threads (batch-1 decode): split each row's positions instead.
         for (row, (o, &(si, pos))) in out.chunks_exact_mut(qd).zip(&row_owner).enumerate() {
-            let (kc, vc) = (&caches[si].k[layer][..(pos + 1) * kd], &caches[si].v[layer][..(pos + 1) * kd]);
-            attend_row_split(o, &q[row * qd..(row + 1) * qd], kc, vc, shape, threads);
+            attend(o, row, si, pos, threads);
         }
         return out;
     }
-    out.par_chunks_mut(qd).zip(row_owner.par_iter()).enumerate().for_each(|(row, (o, &(si, pos)))| {
-        let (kc, vc) = (&caches[si].k[layer][..(pos + 1) * kd], &caches[si].v[layer][..(pos + 1) * kd]);
-        attend_row(o, &q[row * qd..(row + 1) * qd], kc, vc, shape);
-    });
+    out.par_chunks_mut(qd).zip(row_owner.par_iter()).enumerate().for_each(|(row, (o, &(si, pos)))| attend(o, row, si, pos, 1));
     out
 }
 
@@ -81,7 +88,7 @@ const SPLIT_MIN_POSITIONS: usize = 64;
 /// One query row with its positions split into up to `parts` ranges attended in parallel (the
 /// step's team, see `flora_adapters::cpu::team`), each with its own softmax state, then merged
 /// exactly: flash-decoding on the CPU.
-fn attend_row_split(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape, parts: usize) {
+fn attend_row_split<E: KvElem>(o: &mut [f32], q: &[f32], kc: &[E], vc: &[E], shape: RowShape, parts: usize) {
     let positions = kc.len() / shape.kd;
     let parts = parts.min(positions / SPLIT_MIN_POSITIONS);
     if parts <= 1 {
@@ -148,10 +155,10 @@ struct RowShape {
     scale: f32,
 }
 
-/// One query row against its sequence's keys and values `kc`, `vc` `[positions, kd]`. Compiled
-/// twice: with AVX-512 enabled where the CPU has it (16-lane dots, exp and weighted sums; the
-/// build's baseline is AVX2), else for the baseline.
-fn attend_row(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+/// One query row against its sequence's keys and values `kc`, `vc` `[positions, kd]` (f32, or
+/// bf16 widened as they are read). Compiled twice: with AVX-512 enabled where the CPU has it
+/// (16-lane dots, exp and weighted sums; the build's baseline is AVX2), else for the baseline.
+fn attend_row<E: KvElem>(o: &mut [f32], q: &[f32], kc: &[E], vc: &[E], shape: RowShape) {
     let mut states = vec![Softmax::EMPTY; shape.n_heads];
     attend_part(o, &mut states, q, kc, vc, shape);
     normalize(o, &states, shape.hd);
@@ -160,7 +167,7 @@ fn attend_row(o: &mut [f32], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape)
 /// One query row against some positions of its sequence (`kc`, `vc` `[positions, kd]`, at
 /// least one): `o [n_heads * hd]` gets each head's output with weights `e^(score - max)`, not
 /// yet divided by their sum; `states[h]` gets that max and sum.
-fn attend_part(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+fn attend_part<E: KvElem>(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[E], vc: &[E], shape: RowShape) {
     debug_assert!(q.len() >= shape.n_heads * shape.hd && o.len() >= shape.n_heads * shape.hd && kc.len() == vc.len() && kc.len() % shape.kd == 0 && !kc.is_empty());
     #[cfg(target_arch = "x86_64")]
     if flora_adapters::cpu::has_avx512() {
@@ -176,37 +183,38 @@ fn attend_part(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc:
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{attend_part_body, softmax_weights, RowShape, Softmax};
+    use super::{attend_part_body, softmax_weights, KvElem, RowShape, Softmax};
     use std::arch::x86_64::*;
 
     /// The portable body compiled with AVX-512 enabled.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend_part_avx512(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+    pub unsafe fn attend_part_avx512<E: KvElem>(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[E], vc: &[E], shape: RowShape) {
         attend_part_body(o, states, q, kc, vc, shape)
     }
 
     /// Rows ahead to prefetch: a batch's caches are far larger than L2.
     const AHEAD: usize = 4;
 
-    /// Prefetches the `len` floats at `p` (one cache row) into L1.
+    /// Prefetches the `len` elements at `p` (one cache row) into L1.
     #[inline(always)]
-    unsafe fn prefetch_row(p: *const f32, len: usize) {
+    unsafe fn prefetch_row<E>(p: *const E, len: usize) {
         let p = p as *const i8;
-        for line in 0..(len * 4).div_ceil(64) {
+        for line in 0..(len * std::mem::size_of::<E>()).div_ceil(64) {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
         }
     }
 
+    /// 64 elements at `p` as four f32 vectors.
     #[inline(always)]
-    unsafe fn load4(p: *const f32) -> [__m512; 4] {
-        [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48))]
+    unsafe fn load4<E: KvElem>(p: *const E) -> [__m512; 4] {
+        [E::load16(p), E::load16(p.add(16)), E::load16(p.add(32)), E::load16(p.add(48))]
     }
 
     /// Head size 64 (four 16-lane vectors). Keys, then values, are read in one pass over the
     /// cache rows, every head from each row (whole rows, in order: what the prefetchers follow
     /// best when the caches come from memory); query heads are loaded from L1.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend_part_hd64(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+    pub unsafe fn attend_part_hd64<E: KvElem>(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[E], vc: &[E], shape: RowShape) {
         const HD: usize = 64;
         let RowShape { n_heads, rep, kd, scale, .. } = shape;
         let n_kv = n_heads / rep;
@@ -262,7 +270,7 @@ fn softmax_weights(scores: &mut [f32]) -> Softmax {
 }
 
 #[inline(always)]
-fn attend_part_body(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32], vc: &[f32], shape: RowShape) {
+fn attend_part_body<E: KvElem>(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[E], vc: &[E], shape: RowShape) {
     let RowShape { n_heads, rep, hd, kd, scale } = shape;
     let positions = kc.len() / kd;
     let mut p = vec![0f32; positions];
@@ -270,38 +278,53 @@ fn attend_part_body(o: &mut [f32], states: &mut [Softmax], q: &[f32], kc: &[f32]
         let kvh = h / rep;
         let qh = &q[h * hd..(h + 1) * hd];
         for (s, kj) in p.iter_mut().zip(kc.chunks_exact(kd)) {
-            *s = dot(qh, &kj[kvh * hd..(kvh + 1) * hd]) * scale;
+            *s = dot_widened(qh, &kj[kvh * hd..(kvh + 1) * hd]) * scale;
         }
         states[h] = softmax_weights(&mut p);
         weighted_rows(&mut o[h * hd..(h + 1) * hd], &p, &vc[kvh * hd..], kd);
     }
 }
 
-/// `out = sum_j p[j] * v[j * stride .. j * stride + out.len()]`. Accumulates 16 lanes
-/// of `out` at a time in a fixed-size array the compiler keeps in a register across all `j`,
-/// instead of a load and store of `out` per row of `v`.
+/// `sum_i a[i] * b[i]` with `b` widened to f32, in 16 lanes the compiler keeps in a register.
 #[inline(always)]
-fn weighted_rows(out: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
+fn dot_widened<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| x * y.to_f32()).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l].to_f32();
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out = sum_j p[j] * v[j * stride .. j * stride + out.len()]` (widened to f32). Accumulates
+/// 16 lanes of `out` at a time in a fixed-size array the compiler keeps in a register across
+/// all `j`, instead of a load and store of `out` per row of `v`.
+#[inline(always)]
+fn weighted_rows<E: KvElem>(out: &mut [f32], p: &[f32], v: &[E], stride: usize) {
     const L: usize = 16;
     let hd = out.len();
     let mut c = 0;
     while c + L <= hd {
         let mut acc = [0f32; L];
         for (j, &w) in p.iter().enumerate() {
-            let vj: &[f32; L] = v[j * stride + c..j * stride + c + L].try_into().expect("16 lanes");
+            let vj: &[E; L] = v[j * stride + c..j * stride + c + L].try_into().expect("16 lanes");
             for l in 0..L {
-                acc[l] += w * vj[l];
+                acc[l] += w * vj[l].to_f32();
             }
         }
-        for l in 0..L {
-            out[c + l] = acc[l];
-        }
+        out[c..c + L].copy_from_slice(&acc);
         c += L;
     }
     if c < hd {
         out[c..].fill(0.0);
         for (j, &w) in p.iter().enumerate() {
-            axpy(&mut out[c..], w, &v[j * stride + c..j * stride + hd]);
+            for (o, x) in out[c..].iter_mut().zip(&v[j * stride + c..j * stride + hd]) {
+                *o += w * x.to_f32();
+            }
         }
     }
 }
@@ -341,27 +364,48 @@ mod tests {
                 let q: Vec<f32> = (0..n_heads * hd).map(|i| val(i, 1)).collect();
                 let kc: Vec<f32> = (0..positions * kd).map(|i| val(i, 2)).collect();
                 let vc: Vec<f32> = (0..positions * kd).map(|i| val(i, 3)).collect();
-                let want = reference_row(&q, &kc, &vc, s);
-                let mut fast = vec![f32::NAN; n_heads * hd];
-                attend_row(&mut fast, &q, &kc, &vc, s);
-                let mut portable = vec![f32::NAN; n_heads * hd];
-                let mut states = vec![Softmax::EMPTY; n_heads];
-                attend_part_body(&mut portable, &mut states, &q, &kc, &vc, s);
-                normalize(&mut portable, &states, hd);
-                // f32 sums over the positions: the tolerance grows with their number.
-                let tol = |w: f32| 1e-5 * (1.0 + w.abs()) * (1.0 + positions as f32 / 1000.0);
-                for (i, w) in want.iter().enumerate() {
-                    assert!((fast[i] - w).abs() < tol(*w), "{n_heads}/{n_kv}/{hd}, {positions} positions, [{i}]: {} vs {w}", fast[i]);
-                    assert!((portable[i] - w).abs() < tol(*w), "portable {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", portable[i]);
-                }
-                // Positions split into parts (batch-1 decode), merged: the same output.
-                for parts in [2, 3, 7, 66, 67, 128] {
-                    let mut split = vec![f32::NAN; n_heads * hd];
-                    attend_row_split(&mut split, &q, &kc, &vc, s, parts);
-                    for (i, w) in want.iter().enumerate() {
-                        assert!((split[i] - w).abs() < tol(*w), "{parts} parts, {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", split[i]);
-                    }
-                }
+                check(&q, &kc, &vc, s, positions, "f32");
+                // A bf16 cache: the same kernels on the rounded values, widened as they are read.
+                let (mut k16, mut v16) = (KvRows::Bf16(Vec::new()), KvRows::Bf16(Vec::new()));
+                k16.push(&kc);
+                v16.push(&vc);
+                let (KvRows::Bf16(kb), KvRows::Bf16(vb)) = (&k16, &v16) else { unreachable!() };
+                let (kw, vw) = (k16.to_f32(kc.len()), v16.to_f32(vc.len()));
+                assert!(kw.iter().zip(&kc).all(|(a, b)| (a - b).abs() <= b.abs() / 256.0), "bf16 rounding keeps 8 bits");
+                assert_ne!(kw, kc, "the cache rounds");
+                check_as(&q, kb, vb, &kw, &vw, s, positions, "bf16");
+            }
+        }
+    }
+
+    fn check(q: &[f32], kc: &[f32], vc: &[f32], s: RowShape, positions: usize, what: &str) {
+        check_as(q, kc, vc, kc, vc, s, positions, what)
+    }
+
+    /// The kernels over a cache in `E` (`kc`, `vc`) against the f64 reference over the values
+    /// they hold (`kw`, `vw`), whole and split into parts.
+    #[allow(clippy::too_many_arguments)]
+    fn check_as<E: KvElem>(q: &[f32], kc: &[E], vc: &[E], kw: &[f32], vw: &[f32], s: RowShape, positions: usize, what: &str) {
+        let (n_heads, hd, n_kv) = (s.n_heads, s.hd, s.n_heads / s.rep);
+        let want = reference_row(q, kw, vw, s);
+        let mut fast = vec![f32::NAN; n_heads * hd];
+        attend_row(&mut fast, q, kc, vc, s);
+        let mut portable = vec![f32::NAN; n_heads * hd];
+        let mut states = vec![Softmax::EMPTY; n_heads];
+        attend_part_body(&mut portable, &mut states, q, kc, vc, s);
+        normalize(&mut portable, &states, hd);
+        // f32 sums over the positions: the tolerance grows with their number.
+        let tol = |w: f32| 1e-5 * (1.0 + w.abs()) * (1.0 + positions as f32 / 1000.0);
+        for (i, w) in want.iter().enumerate() {
+            assert!((fast[i] - w).abs() < tol(*w), "{what} {n_heads}/{n_kv}/{hd}, {positions} positions, [{i}]: {} vs {w}", fast[i]);
+            assert!((portable[i] - w).abs() < tol(*w), "{what} portable {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", portable[i]);
+        }
+        // Positions split into parts (batch-1 decode), merged: the same output.
+        for parts in [2, 3, 7, 66, 67, 128] {
+            let mut split = vec![f32::NAN; n_heads * hd];
+            attend_row_split(&mut split, q, kc, vc, s, parts);
+            for (i, w) in want.iter().enumerate() {
+                assert!((split[i] - w).abs() < tol(*w), "{what} {parts} parts, {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", split[i]);
             }
         }
     }

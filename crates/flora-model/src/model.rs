@@ -236,9 +236,21 @@ impl Llama {
         ModelAdapters::from_prepared(&self.cfg, adapters)
     }
 
-    /// A fresh, empty KV cache for one sequence.
+    /// A fresh, empty KV cache for one sequence, in the weight format's precision: bf16
+    /// weights keep keys and values in bf16 (half the bytes each decode step reads back, half
+    /// the memory per token), f32 weights in f32. A cache made before a format change stays
+    /// usable: attention reads each cache in its own format.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.n_layers, self.cfg.kv_dim())
+        match self.weight_format() {
+            WeightFormat::Bf16 => KvCache::new_bf16(self.cfg.n_layers, self.cfg.kv_dim()),
+            WeightFormat::F32 => KvCache::new(self.cfg.n_layers, self.cfg.kv_dim()),
+        }
+    }
+
+    /// Bytes of KV cache per token of a sequence made by [`Self::new_cache`].
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let elem = if self.weight_format() == WeightFormat::Bf16 { 2 } else { 4 };
+        self.cfg.n_layers * self.cfg.kv_dim() * 2 * elem
     }
 
     fn heads(&self) -> Heads {

@@ -319,3 +319,34 @@ fn long_batch_1_decode_equals_the_full_forward() {
         assert!(d < 1e-4, "head size {head_dim}: batch-1 decode differs from the full forward by {d}");
     }
 }
+
+#[test]
+fn bf16_models_keep_a_bf16_kv_cache_and_read_older_f32_caches() {
+    let cfg = LlamaConfig::tiny();
+    let mut model = Llama::random(cfg.clone(), 21).unwrap();
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 5) % 97).collect();
+    let run = |model: &Llama, cache: &mut flora_model::KvCache| -> Vec<f32> {
+        let mut l = model.step_rows(&mut [SeqStep { tokens: &prompt, cache: &mut *cache, slot: None, logits: Logits::Last }], None).unwrap();
+        l.extend(model.step_rows(&mut [SeqStep { tokens: &[3], cache, slot: None, logits: Logits::Last }], None).unwrap());
+        l
+    };
+    let mut f32_cache = model.new_cache();
+    assert!(!f32_cache.is_bf16());
+    let f32_logits = run(&model, &mut f32_cache);
+    model.set_weight_format(flora_adapters::WeightFormat::Bf16).unwrap();
+    let mut cache = model.new_cache();
+    assert!(cache.is_bf16());
+    let bf16_logits = run(&model, &mut cache);
+    // Half the bytes per token, as the model reports them (the server sizes its budget so).
+    assert_eq!(model.kv_bytes_per_token() * 2, cfg.n_layers * cfg.kv_dim() * 2 * 4);
+    assert!(cache.bytes() >= 13 * model.kv_bytes_per_token() && cache.bytes() < f32_cache.bytes(), "{} vs {}", cache.bytes(), f32_cache.bytes());
+    // A cache made in f32 before the switch is read in its own format by the bf16 model.
+    let mut old = Llama::random(cfg.clone(), 21).unwrap().new_cache();
+    let mixed = run(&model, &mut old);
+    let scale = f32_logits.iter().fold(1f32, |a, v| a.max(v.abs()));
+    for (what, got) in [("bf16 cache", &bf16_logits), ("f32 cache, bf16 weights", &mixed)] {
+        let d = got.iter().zip(&f32_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 3e-2 * scale && d > 0.0, "{what}: logits differ from f32 by {d} (scale {scale})");
+    }
+    assert_ne!(bf16_logits, mixed, "the two caches hold different values");
+}
