@@ -127,6 +127,18 @@ impl KvCache {
         matches!(self.k.first(), Some(KvRows::Bf16(_)))
     }
 
+    /// Makes room for `positions` in all (no reallocation, no copy, until the cache holds
+    /// more; the serving engine reserves a sequence's prompt plus `max_tokens` on admission).
+    pub fn reserve(&mut self, positions: usize) {
+        let values = positions.saturating_sub(self.len) * self.kv_dim;
+        for rows in self.k.iter_mut().chain(&mut self.v) {
+            match rows {
+                KvRows::F32(v) => v.reserve_exact(values),
+                KvRows::Bf16(v) => v.reserve_exact(values),
+            }
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(KvRows::bytes).sum()

@@ -337,6 +337,13 @@ fn bf16_models_keep_a_bf16_kv_cache_and_read_older_f32_caches() {
     let mut cache = model.new_cache();
     assert!(cache.is_bf16());
     let bf16_logits = run(&model, &mut cache);
+    // Reserved room is the whole budget up front and is not outgrown by the steps.
+    let mut reserved = model.new_cache();
+    reserved.reserve(13);
+    let held = reserved.bytes();
+    assert_eq!(held, 13 * model.kv_bytes_per_token());
+    assert_eq!(run(&model, &mut reserved), bf16_logits);
+    assert_eq!(reserved.bytes(), held);
     // Half the bytes per token, as the model reports them (the server sizes its budget so).
     assert_eq!(model.kv_bytes_per_token() * 2, cfg.n_layers * cfg.kv_dim() * 2 * 4);
     assert!(cache.bytes() >= 13 * model.kv_bytes_per_token() && cache.bytes() < f32_cache.bytes(), "{} vs {}", cache.bytes(), f32_cache.bytes());

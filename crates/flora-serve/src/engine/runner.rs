@@ -182,6 +182,8 @@ impl Runner {
             let mut a = self.active.remove(&item.seq).expect("planned sequence is active");
             if !a.admitted {
                 a.admitted = true;
+                // Its KV budget, allocated once: no growth, copy or page faults per token.
+                a.cache.reserve(a.prompt_len + a.req.max_tokens);
                 self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             }
             debug_assert!(item.slot.is_none() || self.slots.key(item.slot.unwrap()) == a.req.adapter.as_ref().map(|x| x.key));
