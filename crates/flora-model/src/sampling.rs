@@ -122,7 +122,8 @@ impl Sampler {
                     }
                     u -= q;
                 }
-                tokens[tokens.len() - 1]
+                // Rounding left u past the last probability: the last token with any.
+                tokens.iter().zip(&probs).rev().find(|&(_, &q)| q > 0.0).map_or(tokens[0], |(&t, _)| t)
             }
         }
     }
@@ -150,9 +151,22 @@ impl<'a> Candidates<'a> {
     /// `weights` is scratch, filled with one weight per token.
     fn new(l: &[f32], p: &SamplingParams, weights: &'a mut Vec<f32>) -> Self {
         let max = max_of(l);
-        let inv_t = 1.0 / p.temperature;
+        if !max.is_finite() {
+            // A +inf logit wins outright; no finite logit at all: the first, as greedy picks.
+            return Candidates::Kept { tokens: vec![argmax(l)], probs: vec![1.0] };
+        }
+        // Divided, not multiplied by 1/T: a subnormal temperature's reciprocal overflows, and
+        // the top token's weight must stay e^0 = 1 (any T > 0 is valid). NaN logits weigh 0.
+        let t = p.temperature;
         weights.clear();
-        weights.extend(l.iter().map(|&v| (v - max) * inv_t));
+        weights.extend(l.iter().map(|&v| {
+            let d = (v - max) / t;
+            if d.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                d
+            }
+        }));
         flora_adapters::cpu::vecops::exp_in_place(weights);
         let weights = &weights[..];
         let k = if p.top_k > 0 { p.top_k.min(l.len()) } else { l.len() };
@@ -419,8 +433,48 @@ mod tests {
     }
 
     #[test]
+    fn a_draw_over_many_blocks_follows_the_softmax() {
+        // 1000 tokens (four blocks of the unfiltered draw), the mass in blocks 1-3.
+        let l: Vec<f32> = (0..1000).map(|i| if [300, 555, 700, 999].contains(&i) { 3.0 + (i % 7) as f32 * 0.3 } else { -4.0 }).collect();
+        let w: Vec<f64> = l.iter().map(|&x| (x as f64).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let n = 40_000;
+        let mut counts = vec![0usize; l.len()];
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(11), ..Default::default() });
+        for _ in 0..n {
+            counts[s.sample(&l, &[]) as usize] += 1;
+        }
+        for i in [300, 555, 700, 999, 0, 256, 512] {
+            let (got, want) = (counts[i] as f64 / n as f64, w[i] / total);
+            assert!((got - want).abs() < 0.01, "token {i} drawn {got:.4}, softmax {want:.4}");
+        }
+        let rest: usize = counts.iter().enumerate().filter(|(i, _)| ![300, 555, 700, 999].contains(i)).map(|(_, c)| c).sum();
+        let want_rest = 1.0 - [300, 555, 700, 999].iter().map(|&i| w[i]).sum::<f64>() / total;
+        assert!((rest as f64 / n as f64 - want_rest).abs() < 0.01, "low tokens drawn {rest} of {n}, softmax {want_rest:.4}");
+    }
+
+    #[test]
     fn logits_without_a_finite_weight_fall_back_to_the_best() {
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(1), ..Default::default() });
         assert_eq!(s.sample(&[f32::NEG_INFINITY; 4], &[]), 0);
+        // +inf wins; NaN never does, with or without filters.
+        for (top_k, top_p) in [(0, 1.0), (2, 1.0), (0, 0.9)] {
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k, top_p, seed: Some(2), ..Default::default() });
+            assert_eq!(s.sample(&[0.0, f32::INFINITY, 5.0, 1.0], &[]), 1);
+            let mut l = vec![0f32; 600];
+            l[100] = 30.0;
+            l[7] = f32::NAN;
+            assert!((0..20).all(|_| s.sample(&l, &[]) == 100), "top_k {top_k} top_p {top_p}");
+        }
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        for t in [1e-38, 1e-39, 1e-45] {
+            for (top_k, top_p, min_p) in [(0, 1.0, 0.0), (2, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.1)] {
+                let mut s = Sampler::new(SamplingParams { temperature: t, top_k, top_p, min_p, seed: Some(3), ..Default::default() });
+                assert_eq!(s.sample(&[0.0, 1.0, 5.0, 2.0], &[]), 2, "T {t} top_k {top_k} top_p {top_p} min_p {min_p}");
+            }
+        }
     }
 }

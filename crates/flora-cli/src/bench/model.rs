@@ -262,14 +262,15 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
     );
     let _ = writeln!(
         md,
-        "Model: {}. Machine: {}. Weights dequantized at load, prompt {} tokens (every sequence's prompt in one step), {} decode steps. Main-memory read bandwidth (2 threads summing 512 MiB; the higher of a reading before and one after the sweep): {:.1} GB/s.",
+        "Model: {}. Machine: {}. Weights dequantized at load, prompt {} tokens (every sequence's prompt in one step), {} decode steps. Main-memory read bandwidth ({} threads summing 512 MiB; the higher of a reading before and one after the sweep): {:.1} GB/s.",
         cx.path.display(),
         super::machine_description(),
         cx.prompt_len,
         cx.decode_steps,
+        rayon::current_num_threads(),
         cx.bandwidth
     );
-    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each, so machine drift reaches all alike. At batch 1 every round starts with a bandwidth reading (2 threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it. Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
+    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each, so machine drift reaches all alike. At batch 1 every round starts with a bandwidth reading (the same threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it (median over the rounds). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
     let formats: Vec<WeightFormat> = rows.iter().fold(Vec::new(), |mut v, r| {
         if !v.contains(&r.format) {
             v.push(r.format);
