@@ -154,6 +154,30 @@ mod tests {
     }
 
     #[test]
+    fn decode_rows_split_over_k_match_slow_in_pools_of_1_to_3() {
+        // At most 4 rows with enough weight: the threads split k (see `skinny::split_k`),
+        // unevenly with 3 threads, and the parts' sums are added into C with alpha and beta;
+        // 5-8 rows take the column kernel.
+        for threads in 1..=3 {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for &(m, k, n) in &[(1, 1536, 576), (4, 576, 1536), (2, 2048, 100), (3, 577, 1000), (1, 203, 4000), (8, 576, 1536), (5, 2048, 100)] {
+                for beta in [0.0f32, 1.0] {
+                    let a = rand_vec(m * k, 4);
+                    let b = rand_vec(k * n, 5);
+                    let (av, bv) = (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n));
+                    let mut c1 = rand_vec(m * n, 6);
+                    let mut c2 = c1.clone();
+                    pool.install(|| matmul(&mut c1, n, av, bv, 0.7, beta));
+                    matmul_slow(&mut c2, n, av, bv, 0.7, beta);
+                    for (x, y) in c1.iter().zip(&c2) {
+                        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{threads} threads, {m}x{k}x{n} beta={beta}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matches_slow_across_shapes_and_strides() {
         for &(m, k, n) in &[(1, 1, 1), (1, 577, 129), (3, 16, 17), (32, 576, 576), (33, 64, 200), (130, 65, 47), (7, 300, 1000)] {
             for transpose_b in [false, true] {
