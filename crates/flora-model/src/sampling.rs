@@ -177,7 +177,9 @@ impl<'a> Candidates<'a> {
         }
         // The tokens whose weight is at least `tau` (the top one's weight is 1), unordered.
         let above = |tau: f32| -> Vec<(f32, u32)> {
-            l.iter().zip(weights).enumerate().filter(|(_, (_, &w))| w >= tau).map(|(t, (&v, _))| (v, t as u32)).collect()
+            // NaN logits (weight 0) never enter, even at the last cut: sorted first by
+            // `total_cmp`, one would take a top-k place and zero min-p's floor.
+            l.iter().zip(weights).enumerate().filter(|(_, (&v, &w))| w >= tau && !v.is_nan()).map(|(t, (&v, _))| (v, t as u32)).collect()
         };
         // Best first; ties: lower id first.
         let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
@@ -466,6 +468,12 @@ mod tests {
             l[7] = f32::NAN;
             assert!((0..20).all(|_| s.sample(&l, &[]) == 100), "top_k {top_k} top_p {top_p}");
         }
+        // top-k with min-p: a NaN must neither take a top-k place nor zero min-p's floor
+        // (token 200's probability, 0.27, is under 0.5 x the top one's 0.73).
+        let mut l = vec![0f32; 600];
+        (l[100], l[200], l[7]) = (30.0, 29.0, f32::NAN);
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 3, min_p: 0.5, seed: Some(5), ..Default::default() });
+        assert!((0..2000).all(|_| s.sample(&l, &[]) == 100), "min-p cut token 200 with a NaN among the logits");
     }
 
     #[test]

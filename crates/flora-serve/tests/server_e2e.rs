@@ -183,6 +183,8 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         (json!({ "prompt": "x", "logprobs": 2 }), "logprobs"),
         (json!({ "prompt": [999999] }), "prompt"),
         (json!({ "prompt": "x", "max_tokens": 9000 }), "max_tokens"),
+        // Near usize::MAX: the length checks must not wrap around.
+        (json!({ "prompt": "x", "max_tokens": u64::MAX }), "max_tokens"),
         (json!({ "model": "lora_r4_all" }), "prompt"),
     ] {
         let (s, v) = post("/v1/completions", body.clone()).await;

@@ -154,23 +154,44 @@ mod tests {
     }
 
     #[test]
-    fn decode_rows_split_over_k_match_slow_in_pools_of_1_to_3() {
+    fn decode_rows_split_over_k_match_slow_in_pools_of_1_to_4() {
         // At most 4 rows with enough weight: the threads split k (see `skinny::split_k`),
         // unevenly with 3 threads, and the parts' sums are added into C with alpha and beta;
-        // 5-8 rows take the column kernel.
-        for threads in 1..=3 {
+        // 5-8 rows take the column kernel. Strided operands (padding must stay untouched),
+        // beta 0 over a C holding NaN (must not be read), beta 1, 0.5 and -2; in a team too.
+        for threads in 1..=4 {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            for &(m, k, n) in &[(1, 1536, 576), (4, 576, 1536), (2, 2048, 100), (3, 577, 1000), (1, 203, 4000), (8, 576, 1536), (5, 2048, 100)] {
-                for beta in [0.0f32, 1.0] {
-                    let a = rand_vec(m * k, 4);
-                    let b = rand_vec(k * n, 5);
-                    let (av, bv) = (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n));
-                    let mut c1 = rand_vec(m * n, 6);
-                    let mut c2 = c1.clone();
-                    pool.install(|| matmul(&mut c1, n, av, bv, 0.7, beta));
-                    matmul_slow(&mut c2, n, av, bv, 0.7, beta);
-                    for (x, y) in c1.iter().zip(&c2) {
-                        assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{threads} threads, {m}x{k}x{n} beta={beta}: {x} vs {y}");
+            for &(m, k, n) in &[(1, 1536, 576), (4, 576, 1536), (2, 2048, 100), (3, 577, 1000), (1, 203, 4000), (1, 4099, 33), (2, 1200, 17), (8, 576, 1536), (5, 2048, 100)] {
+                let (lda, ldb, ldc) = (k + 3, n + 5, n + 7);
+                for beta in [0.0f32, 1.0, 0.5, -2.0] {
+                    for in_team in [false, true] {
+                        let a = rand_vec(m * lda, 4);
+                        let b = rand_vec(k * ldb, 5);
+                        let (av, bv) = (MatRef { data: &a, rows: m, cols: k, rs: lda, cs: 1 }, MatRef { data: &b, rows: k, cols: n, rs: ldb, cs: 1 });
+                        let mut c1 = rand_vec(m * ldc, 6);
+                        if beta == 0.0 {
+                            c1.iter_mut().step_by(3).for_each(|v| *v = f32::NAN);
+                        }
+                        let mut c2 = c1.clone();
+                        pool.install(|| {
+                            if in_team {
+                                super::super::team::with_team(|| matmul(&mut c1, ldc, av, bv, 0.7, beta));
+                            } else {
+                                matmul(&mut c1, ldc, av, bv, 0.7, beta);
+                            }
+                        });
+                        matmul_slow(&mut c2, ldc, av, bv, 0.7, beta);
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let (x, y) = (c1[i * ldc + j], c2[i * ldc + j]);
+                                let what = format!("{threads} threads, {m}x{k}x{n} beta={beta} team={in_team} [{i}, {j}]: {x} vs {y}");
+                                if j >= n {
+                                    assert!(x.to_bits() == y.to_bits(), "padding changed: {what}");
+                                } else {
+                                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what}");
+                                }
+                            }
+                        }
                     }
                 }
             }

@@ -68,8 +68,11 @@ pub fn matmul_rows(
     // batch 1 is bandwidth-bound: two cores pull more bytes than one).
     let (flops, b_bytes) = (2 * m * n * k, 4 * k * n);
     let threads = super::matmul::n_threads();
-    if m <= STREAM_MAX_ROWS && threads > 1 && k >= 4 * threads && m * n <= STREAM_MAX_OUTPUT && !(flops < (1 << 20) && b_bytes < (1 << 19)) {
-        return split_k(c, ldc, a, lda, m, k, b, ldb, n, alpha, beta, threads);
+    // Parts of k: at most the threads, and few enough that the serial sum of the parts'
+    // outputs (parts x m x n) stays under an eighth of one part's product ((k / parts) x m x n).
+    let parts = threads.min(((k / 8) as f64).sqrt() as usize);
+    if m <= STREAM_MAX_ROWS && parts > 1 && m * n <= STREAM_MAX_OUTPUT && !(flops < (1 << 20) && b_bytes < (1 << 19)) {
+        return split_k(c, ldc, a, lda, m, k, b, ldb, n, alpha, beta, parts);
     }
     // One chunk per thread (more made batch-1 f32 decode slower), claimed through `team`.
     let n_chunks = if flops < (1 << 20) && b_bytes < (1 << 19) { 1 } else { threads.min(n_panels) };
@@ -93,7 +96,8 @@ pub fn matmul_rows(
 /// thread. Split by columns, a thread read a 192-byte piece of every row of a 16-row block in
 /// turn (16 streams, half of every row): 0.58x of the bandwidth at batch 1. Each part sums
 /// into its own `[m, n]` block; `C = beta*C + alpha*(sum of the parts)` at the end (a few KB
-/// against the weight's MB).
+/// against the weight's MB). The parts' order of summation follows their number, so a row's
+/// last bits depend on the thread count and on whether its step has at most 4 rows.
 #[allow(clippy::too_many_arguments)]
 fn split_k(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, k: usize, b: &[f32], ldb: usize, n: usize, alpha: f32, beta: f32, parts: usize) {
     let bounds = |t: usize| (t * k / parts, (t + 1) * k / parts);
