@@ -266,8 +266,18 @@ fn sum_f64(v: &[f32]) -> f64 {
 
 /// The index of the largest value (the first of equals; NaN never wins; 0 for no number).
 pub fn argmax(v: &[f32]) -> u32 {
-    let m = max_of(v);
-    v.iter().position(|&x| x == m).unwrap_or(0) as u32
+    // The largest of each block (vectorized), then the first block holding the overall
+    // largest, searched alone: two passes of SIMD maxima instead of a scalar scan.
+    const BLOCK: usize = 512;
+    let (mut best, mut at) = (f32::NEG_INFINITY, 0);
+    for (b, chunk) in v.chunks(BLOCK).enumerate() {
+        let m = max_of(chunk);
+        if m > best {
+            (best, at) = (m, b);
+        }
+    }
+    let chunk = &v[(at * BLOCK).min(v.len())..];
+    (at * BLOCK + chunk.iter().position(|&x| x == best).unwrap_or(0)) as u32
 }
 
 #[cfg(test)]
