@@ -139,6 +139,12 @@ impl KvCache {
         }
     }
 
+    /// Bytes each position takes in every layer's keys and values.
+    pub fn bytes_per_token(&self) -> usize {
+        let elem = if self.is_bf16() { 2 } else { 4 };
+        self.k.len() * 2 * self.kv_dim * elem
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(KvRows::bytes).sum()

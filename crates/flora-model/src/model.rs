@@ -249,8 +249,7 @@ impl Llama {
 
     /// Bytes of KV cache per token of a sequence made by [`Self::new_cache`].
     pub fn kv_bytes_per_token(&self) -> usize {
-        let elem = if self.weight_format() == WeightFormat::Bf16 { 2 } else { 4 };
-        self.cfg.n_layers * self.cfg.kv_dim() * 2 * elem
+        self.new_cache().bytes_per_token()
     }
 
     fn heads(&self) -> Heads {

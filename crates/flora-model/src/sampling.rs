@@ -95,18 +95,8 @@ impl Sampler {
                 let mut u = self.rng.random::<f32>() as f64 * total;
                 for (b, &bs) in blocks.iter().enumerate() {
                     if u < bs {
-                        let mut u = u as f32;
                         let block = &weights[b * DRAW_BLOCK..((b + 1) * DRAW_BLOCK).min(weights.len())];
-                        for (i, &w) in block.iter().enumerate() {
-                            if u < w {
-                                return (b * DRAW_BLOCK + i) as u32;
-                            }
-                            u -= w;
-                        }
-                        // Rounding ran past the block's last weight: the last one with any.
-                        if let Some(i) = block.iter().rposition(|&w| w > 0.0) {
-                            return (b * DRAW_BLOCK + i) as u32;
-                        }
+                        return (b * DRAW_BLOCK + walk(block, u as f32)) as u32;
                     }
                     u -= bs;
                 }
@@ -115,18 +105,23 @@ impl Sampler {
             }
             Candidates::Kept { tokens, probs } => {
                 let total: f32 = probs.iter().sum();
-                let mut u = self.rng.random::<f32>() * total;
-                for (&t, &q) in tokens.iter().zip(&probs) {
-                    if u < q {
-                        return t;
-                    }
-                    u -= q;
-                }
-                // Rounding left u past the last probability: the last token with any.
-                tokens.iter().zip(&probs).rev().find(|&(_, &q)| q > 0.0).map_or(tokens[0], |(&t, _)| t)
+                tokens[walk(&probs, self.rng.random::<f32>() * total)]
             }
         }
     }
+}
+
+/// The index where `u` falls when the weights are laid end to end (the first `i` with
+/// `u < w[i]` after subtracting those before it); past the end through rounding, the last
+/// index with any weight (0 if none).
+fn walk(weights: &[f32], mut u: f32) -> usize {
+    for (i, &w) in weights.iter().enumerate() {
+        if u < w {
+            return i;
+        }
+        u -= w;
+    }
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0)
 }
 
 /// Weight cuts tried in turn for the tokens a filtered draw sorts (the top token's weight is
@@ -196,7 +191,7 @@ impl<'a> Candidates<'a> {
             let total = pool.iter().map(|&(_, t)| weight(t) as f64).sum::<f64>() as f32;
             (pool, total)
         } else {
-            let total = sum_f64(&weights) as f32;
+            let total = sum_f64(weights) as f32;
             let pool = if p.min_p > 0.0 {
                 above(p.min_p)
             } else {
@@ -211,11 +206,8 @@ impl<'a> Candidates<'a> {
             };
             (pool, total)
         };
+        // Never empty: the top token (weight 1, its logit finite) is above every cut.
         pool.sort_unstable_by(order);
-        if pool.is_empty() {
-            // No finite weight (logits all -inf or NaN): the best logit, as greedy picks it.
-            return Candidates::Kept { tokens: vec![argmax(l)], probs: vec![1.0] };
-        }
         let mut probs: Vec<f32> = pool.iter().map(|&(_, t)| weight(t) / total).collect();
         let mut keep = probs.len();
         if p.top_p < 1.0 {

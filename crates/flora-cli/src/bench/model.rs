@@ -199,10 +199,11 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             }
             drop(probe);
             let bytes = weight_bytes_per_token(model.config(), format);
+            let bw_median = (!round_bw.is_empty()).then(|| median(&mut round_bw.clone()));
             for (run, prefill_s, mut step_s) in runs {
-                let paired = (!round_bw.is_empty()).then(|| {
+                let paired = bw_median.map(|bw_median| {
                     let mut ratios: Vec<f64> = step_s.iter().zip(&round_bw).map(|(s, bw)| (1.0 / s) / (bw * 1e9 / bytes)).collect();
-                    (median(&mut ratios), median(&mut round_bw.clone()))
+                    (median(&mut ratios), bw_median)
                 });
                 rows.push(Measured {
                     format,
