@@ -61,34 +61,37 @@ pub fn ragged_attention(
     let shape = RowShape { n_heads, rep, hd, kd, scale };
     let threads = flora_adapters::cpu::matmul::n_threads();
     // Row `row` against the first `pos + 1` positions of its cache, in the cache's format;
-    // its positions split into up to `parts` parallel parts.
-    let attend = |o: &mut [f32], row: usize, si: usize, pos: usize, parts: usize| {
+    // its positions split into parts (one per thread, see `attend_row_split`), attended in
+    // parallel or one after the other.
+    let attend = |o: &mut [f32], row: usize, si: usize, pos: usize, parallel: bool| {
         let n = (pos + 1) * kd;
         let q = &q[row * qd..(row + 1) * qd];
         match (&caches[si].k[layer], &caches[si].v[layer]) {
-            (KvRows::F32(kc), KvRows::F32(vc)) => attend_row_split(o, q, &kc[..n], &vc[..n], shape, parts),
-            (KvRows::Bf16(kc), KvRows::Bf16(vc)) => attend_row_split(o, q, &kc[..n], &vc[..n], shape, parts),
+            (KvRows::F32(kc), KvRows::F32(vc)) => attend_row_split(o, q, &kc[..n], &vc[..n], shape, threads, parallel),
+            (KvRows::Bf16(kc), KvRows::Bf16(vc)) => attend_row_split(o, q, &kc[..n], &vc[..n], shape, threads, parallel),
             _ => unreachable!("a cache holds keys and values in one format"),
         }
     };
     if row_owner.len() < threads {
-        // Fewer rows than threads (batch-1 decode): split each row's positions instead.
+        // Fewer rows than threads (batch-1 decode): the threads share each row's parts.
         for (row, (o, &(si, pos))) in out.chunks_exact_mut(qd).zip(&row_owner).enumerate() {
-            attend(o, row, si, pos, threads);
+            attend(o, row, si, pos, true);
         }
         return out;
     }
-    out.par_chunks_mut(qd).zip(row_owner.par_iter()).enumerate().for_each(|(row, (o, &(si, pos)))| attend(o, row, si, pos, 1));
+    out.par_chunks_mut(qd).zip(row_owner.par_iter()).enumerate().for_each(|(row, (o, &(si, pos)))| attend(o, row, si, pos, false));
     out
 }
 
 /// Positions below which a row is not split (the hand-off would cost more than it saves).
 const SPLIT_MIN_POSITIONS: usize = 64;
 
-/// One query row with its positions split into up to `parts` ranges attended in parallel (the
-/// step's team, see `flora_adapters::cpu::team`), each with its own softmax state, then merged
-/// exactly: flash-decoding on the CPU.
-fn attend_row_split<E: KvElem>(o: &mut [f32], q: &[f32], kc: &[E], vc: &[E], shape: RowShape, parts: usize) {
+/// One query row with its positions split into up to `parts` ranges, each attended with its
+/// own softmax state, then merged exactly: flash-decoding on the CPU. With `parallel` the
+/// parts run on the step's team (`flora_adapters::cpu::team`), else one after the other on
+/// this thread. The split depends only on the positions and `parts`, so a row's bits do not
+/// depend on how many rows share its step.
+fn attend_row_split<E: KvElem>(o: &mut [f32], q: &[f32], kc: &[E], vc: &[E], shape: RowShape, parts: usize, parallel: bool) {
     let positions = kc.len() / shape.kd;
     let parts = parts.min(positions / SPLIT_MIN_POSITIONS);
     if parts <= 1 {
@@ -101,12 +104,17 @@ fn attend_row_split<E: KvElem>(o: &mut [f32], q: &[f32], kc: &[E], vc: &[E], sha
     // Part i's unnormalized output `[n_heads * hd]` and its per-head softmax states.
     let results: Vec<std::sync::Mutex<(Vec<f32>, Vec<Softmax>)>> =
         (0..parts).map(|_| std::sync::Mutex::new((vec![0f32; qd], vec![Softmax::EMPTY; shape.n_heads]))).collect();
-    flora_adapters::cpu::team::par_for(parts, |i| {
+    let run = |i: usize| {
         let (j0, j1) = bounds(i);
         let (kd, mut guard) = (shape.kd, results[i].lock().expect("one writer per part"));
         let (po, ps) = &mut *guard;
         attend_part(po, ps, q, &kc[j0 * kd..j1 * kd], &vc[j0 * kd..j1 * kd], shape);
-    });
+    };
+    if parallel {
+        flora_adapters::cpu::team::par_for(parts, run);
+    } else {
+        (0..parts).for_each(run);
+    }
     let results: Vec<(Vec<f32>, Vec<Softmax>)> = results.into_iter().map(|m| m.into_inner().expect("parts finished")).collect();
     let mut merged = vec![Softmax::EMPTY; shape.n_heads];
     for (h, state) in merged.iter_mut().enumerate() {
@@ -400,13 +408,17 @@ mod tests {
             assert!((fast[i] - w).abs() < tol(*w), "{what} {n_heads}/{n_kv}/{hd}, {positions} positions, [{i}]: {} vs {w}", fast[i]);
             assert!((portable[i] - w).abs() < tol(*w), "{what} portable {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", portable[i]);
         }
-        // Positions split into parts (batch-1 decode), merged: the same output.
+        // Positions split into parts, merged: the same output, and the same bits whether the
+        // parts run in parallel (batch-1 decode) or one after the other (more rows).
         for parts in [2, 3, 7, 66, 67, 128] {
             let mut split = vec![f32::NAN; n_heads * hd];
-            attend_row_split(&mut split, q, kc, vc, s, parts);
+            attend_row_split(&mut split, q, kc, vc, s, parts, true);
             for (i, w) in want.iter().enumerate() {
                 assert!((split[i] - w).abs() < tol(*w), "{what} {parts} parts, {n_heads}/{n_kv}/{hd}, {positions}: {} vs {w}", split[i]);
             }
+            let mut serial = vec![f32::NAN; n_heads * hd];
+            attend_row_split(&mut serial, q, kc, vc, s, parts, false);
+            assert!(serial.iter().zip(&split).all(|(a, b)| a.to_bits() == b.to_bits()), "{what} {parts} parts: serial and parallel differ");
         }
     }
 }

@@ -175,7 +175,15 @@ fn bf16_weights_are_batch_invariant_and_close_to_f32() {
         ((0..7).map(|i| (i * 5 + 2) % 97).collect(), None),
         ((0..5).map(|i| (i * 13 + 4) % 97).collect(), Some(2)),
     ];
-    let (f32_alone, _) = alone_and_batched(&model, &packed, &seqs, 3);
+    let (f32_alone, f32_batched) = alone_and_batched(&model, &packed, &seqs, 3);
+    // Rows of the base model and of IA3 get the same bits alone and batched (the f32 kernel's
+    // arithmetic does not follow the row count where AVX-512 runs it); f32 LoRA switches from
+    // row loops to GEMMs past 4 rows of a slot, and fLoRA's execution is chosen per batch.
+    for i in [2, 3] {
+        if flora_adapters::cpu::has_avx512() {
+            assert_eq!(f32_batched[i], f32_alone[i], "f32 sequence {i}: batched vs alone");
+        }
+    }
     model
         .set_weight_format(flora_adapters::WeightFormat::Bf16)
         .unwrap();
@@ -190,12 +198,14 @@ fn bf16_weights_are_batch_invariant_and_close_to_f32() {
             .iter()
             .flatten()
             .fold(1f32, |a, v| a.max(v.abs()));
-        // The same bf16 products in another order (row blocks differ with the batch): f32 sums only.
+        // bf16 base GEMM, LoRA and IA3 rows: the same bits alone and batched; fLoRA's
+        // execution (merged or vectorized) is chosen per batch: f32 sums in another order.
         let d = max_diff(&batched[i], &alone[i]);
-        assert!(
-            d < 1e-4 * scale,
-            "sequence {i}: bf16 batched vs alone differ by {d}"
-        );
+        if seqs[i].1 == Some(1) {
+            assert!(d < 1e-4 * scale, "sequence {i}: bf16 batched vs alone differ by {d}");
+        } else {
+            assert_eq!(batched[i], alone[i], "sequence {i}: bf16 batched vs alone");
+        }
         // bf16 rounding of weights and inputs (2^-9 relative each) over the tiny model's layers.
         let d = max_diff(&alone[i], &f32_alone[i]);
         assert!(

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 /// Columns per panel: three 16-lane vectors.
 pub const NR: usize = 48;
-/// Rows per register block (8 rows x 3 vectors = 24 accumulators).
+/// Rows per block of A that [`x86::block`] takes (run as register blocks of at most 4 rows).
 const MR: usize = 8;
 /// k-pairs per block: `KC * NR * 4` bytes = 24 KiB of the panel stay in L1 while every row
 /// block of A passes over them.
@@ -557,11 +557,12 @@ mod x86 {
     ) {
         let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
         debug_assert!(rows <= MR);
+        if rows > 4 {
+            // Two blocks of at most 4 rows: the second reads B from L1.
+            micro::<4>(kc, a, lda, b, c, ldc, masks, accumulate);
+            return block(rows - 4, kc, a.add(4 * lda), lda, b, c.add(4 * ldc), ldc, nr, accumulate);
+        }
         match rows {
-            8 => micro::<8>(kc, a, lda, b, c, ldc, masks, accumulate),
-            7 => micro::<7>(kc, a, lda, b, c, ldc, masks, accumulate),
-            6 => micro::<6>(kc, a, lda, b, c, ldc, masks, accumulate),
-            5 => micro::<5>(kc, a, lda, b, c, ldc, masks, accumulate),
             4 => micro::<4>(kc, a, lda, b, c, ldc, masks, accumulate),
             3 => micro::<3>(kc, a, lda, b, c, ldc, masks, accumulate),
             2 => micro::<2>(kc, a, lda, b, c, ldc, masks, accumulate),
@@ -579,9 +580,13 @@ mod x86 {
         std::mem::transmute(_mm512_set1_epi32(*a as i32))
     }
 
-    /// `C[R, nr] (+)= A[R, kc pairs] · B`, accumulators in registers. Blocks of up to two rows
-    /// keep a second accumulator set for odd k-pairs: with so few independent chains the
-    /// `vdpbf16ps` latency, not its throughput, would bind (batch-1 decode).
+    /// `C[R, nr] (+)= A[R, kc pairs] · B`, accumulators in registers. Every sum has the same
+    /// arithmetic whatever `R` (a row's bits do not depend on the other rows of its product):
+    /// even k-pairs in one chain, odd ones in a second, the two added, then the last pair of
+    /// an odd `kc` (two chains also keep batch-1 decode off the `vdpbf16ps` latency). At most
+    /// 4 rows (2 x 12 accumulators and 6 B vectors fill the 32 registers; [`block`] runs 8 rows
+    /// as two blocks of 4). Sweeping the block twice instead, even pairs then odd, with 8 rows,
+    /// was 10-20% slower at 8 and 32 rows (throwaway timing).
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn micro<const R: usize>(
@@ -596,7 +601,7 @@ mod x86 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
         let mut q = 0;
-        if R <= 2 {
+        {
             let mut acc2 = [[_mm512_setzero_ps(); 3]; R];
             while q + 2 <= kc {
                 let bp = b.add(q * NR);
@@ -764,6 +769,36 @@ mod tests {
                         assert!(want.iter().zip(&slow).all(|(x, y)| (x - y).abs() <= 1e-4), "{}x{}, m = {m}: vs slow", w.k, w.n);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_other_rows() {
+        // Row blocks of 1-8 rows, and more than MC rows: every row's bits equal its product
+        // alone (one decode row) and in a block of 3, in pools of 1-3 threads. Odd and even
+        // k-pair counts, a k-block tail (kp > KC), a column tail.
+        for &(k, n) in &[(576, 192), (301, 100), (600, 97), (17, 48)] {
+            let w = PackedBf16::pack(&rand_vec(k * n, 40), k, n);
+            let x = rand_vec(140 * k, 41);
+            for threads in 1..=3 {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let product = |rows: std::ops::Range<usize>| {
+                        let mut c = vec![f32::NAN; rows.len() * n];
+                        gemm(&mut c, n, &x[rows.start * k..rows.end * k], k, rows.len(), &w);
+                        c
+                    };
+                    for m in [1, 2, 3, 5, 8, 9, 17, 140] {
+                        let all = product(0..m);
+                        for i in 0..m {
+                            let want = product(i..i + 1);
+                            assert!(all[i * n..(i + 1) * n].iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{k}x{n}, row {i} of {m}, {threads} threads: not the bits of the row alone");
+                        }
+                        let three = product(0..3.min(m));
+                        assert!(three.iter().zip(&all).all(|(a, b)| a.to_bits() == b.to_bits()), "{k}x{n}, {m} rows: the first rows differ from a block of 3");
+                    }
+                });
             }
         }
     }

@@ -199,6 +199,40 @@ mod tests {
     }
 
     #[test]
+    fn a_rows_result_does_not_depend_on_the_other_rows() {
+        // Up to 4 rows of a large enough weight take split-k, more take the column kernel
+        // (8-row register blocks, partial ones); a row's bits must be the same in either, so a
+        // sequence's logits do not depend on what shares its decode step. Pools of 1-3 threads
+        // (2 and 3 split k), alpha and beta applied, an output too wide for split-k beyond 1 row.
+        for &(k, n) in &[(576, 576), (1536, 576), (577, 1000), (576, 60000)] {
+            let b = rand_vec(k * n, 7);
+            let a = rand_vec(64 * k, 8);
+            let c0 = rand_vec(64 * n, 9);
+            for threads in 1..=3 {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let product = |rows: std::ops::Range<usize>| {
+                        let mut c = c0[rows.start * n..rows.end * n].to_vec();
+                        let av = MatRef { data: &a[rows.start * k..rows.end * k], rows: rows.len(), cols: k, rs: k, cs: 1 };
+                        super::super::team::with_team(|| matmul(&mut c, n, av, MatRef::row_major(&b, k, n), 0.7, 0.5));
+                        c
+                    };
+                    let ms: &[usize] = if n > 10_000 { &[1, 2, 9] } else { &[1, 2, 4, 5, 8, 9, 17, 64] };
+                    for &m in ms {
+                        let all = product(0..m);
+                        for i in [0, m / 2, m - 1] {
+                            let want = product(i..i + 1);
+                            assert!(all[i * n..(i + 1) * n].iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "{k}x{n}, row {i} of {m}, {threads} threads: not the bits of the row alone");
+                        }
+                        let four = product(0..4.min(m));
+                        assert!(four.iter().zip(&all).all(|(x, y)| x.to_bits() == y.to_bits()), "{k}x{n}, {m} rows: the first rows differ from a product of 4");
+                    }
+                });
+            }
+        }
+    }
+
+    #[test]
     fn matches_slow_across_shapes_and_strides() {
         for &(m, k, n) in &[(1, 1, 1), (1, 577, 129), (3, 16, 17), (32, 576, 576), (33, 64, 200), (130, 65, 47), (7, 300, 1000)] {
             for transpose_b in [false, true] {

@@ -6,7 +6,8 @@
 //! is pure overhead. Here each `KC x NR` block of `B` is read straight from memory once and
 //! reused from L1 for every `MR`-row block of `A`, so the weight is streamed once per call, in
 //! k-blocks of KC whole rows (sequential reads). Columns are split across threads; for decode
-//! rows (at most 8, small outputs) `k` is, and each thread streams its run of rows in order.
+//! rows (at most 4, small outputs) `k` is, and each thread streams its run of rows in order.
+//! Either way a row's result has the same bits (see `fold_part`).
 //!
 //! Only compiled into use on x86-64 with AVX-512F (checked at run time); elsewhere
 //! [`wants`] returns false and callers use the general path.
@@ -68,10 +69,8 @@ pub fn matmul_rows(
     // batch 1 is bandwidth-bound: two cores pull more bytes than one).
     let (flops, b_bytes) = (2 * m * n * k, 4 * k * n);
     let threads = super::matmul::n_threads();
-    // Parts of k: at most the threads, and few enough that the serial sum of the parts'
-    // outputs (parts x m x n) stays under an eighth of one part's product ((k / parts) x m x n).
-    let parts = threads.min(((k / 8) as f64).sqrt() as usize);
-    if m <= STREAM_MAX_ROWS && parts > 1 && m * n <= STREAM_MAX_OUTPUT && !(flops < (1 << 20) && b_bytes < (1 << 19)) {
+    let parts = k_parts(k, n, threads);
+    if m <= STREAM_MAX_ROWS && parts > 1 && m * n <= STREAM_MAX_OUTPUT {
         return split_k(c, ldc, a, lda, m, k, b, ldb, n, alpha, beta, parts);
     }
     // One chunk per thread (more made batch-1 f32 decode slower), claimed through `team`.
@@ -83,11 +82,65 @@ pub fn matmul_rows(
         let j1 = ((chunk + 1) * panels_per_chunk * NR).min(n);
         if j0 < j1 {
             let cp = cp;
-            // SAFETY: chunks write disjoint column ranges of C; bounds asserted above.
-            unsafe { x86::run_columns(cp.0, ldc, a.as_ptr(), lda, m, k, b.as_ptr(), ldb, j0, j1, alpha, beta) };
+            with_part_sums(m * (j1 - j0), |sums| {
+                // SAFETY: chunks write disjoint column ranges of C; bounds asserted above;
+                // `sums` holds the chunk's `[m, j1 - j0]` part sums.
+                unsafe { x86::run_columns(cp.0, ldc, a.as_ptr(), lda, m, k, b.as_ptr(), ldb, j0, j1, alpha, beta, parts, sums) }
+            });
         }
     };
     super::team::par_for(n_chunks, run);
+}
+
+/// The parts `k` is cut into, which fix every output's arithmetic whichever way the work is
+/// split (see [`fold_part`]): at most the threads, and few enough that the serial sum of the
+/// parts' outputs (parts x m x n) stays under an eighth of one part's product ((k / parts) x m
+/// x n); one for weights under 512 KiB (too small to split). Not a function of `m`: a row's
+/// result is the same bits in a product of 1 row or 64.
+fn k_parts(k: usize, n: usize, threads: usize) -> usize {
+    if 4 * k * n < (1 << 19) {
+        1
+    } else {
+        threads.min(((k / 8) as f64).sqrt() as usize).max(1)
+    }
+}
+
+/// Rows `k0..k1` of B in part `t` of `parts` (see [`k_parts`]).
+fn part_bounds(k: usize, parts: usize, t: usize) -> (usize, usize) {
+    (t * k / parts, (t + 1) * k / parts)
+}
+
+/// Every output of the kernel, whichever path computes it: part `t`'s sum `s_t` is one fused
+/// multiply-add chain over its rows of B in order, starting from 0 (the column kernel carries
+/// it across k-blocks through memory, `split_k` in one thread's run); then
+/// `c = beta * c` (0 for `beta == 0`, without reading `c`) and `c += alpha * s_t` for t = 0, 1, ...
+/// Both paths call this, so a row's bits depend on the thread count (through [`k_parts`]) but
+/// not on the other rows of its product.
+#[inline]
+fn fold_part(row: &mut [f32], sums: &[f32], alpha: f32, beta: f32, first: bool) {
+    if first {
+        if beta == 0.0 {
+            row.fill(0.0);
+        } else if beta != 1.0 {
+            row.iter_mut().for_each(|v| *v *= beta);
+        }
+    }
+    super::vecops::axpy(row, alpha, sums);
+}
+
+/// Runs `f` on a scratch of `len` floats (kept per thread between calls; its values are
+/// whatever the last call left: the column kernel writes a part's sums before reading them).
+fn with_part_sums<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SUMS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
 }
 
 /// Decode rows (at most [`STREAM_MAX_ROWS`]) whose partial output fits in L2 (`m * n` floats, see
@@ -95,16 +148,14 @@ pub fn matmul_rows(
 /// B's rows front to back, whole rows at a time (`x86::stream_rows`): one sequential read per
 /// thread. Split by columns, a thread read a 192-byte piece of every row of a 16-row block in
 /// turn (16 streams, half of every row): 0.58x of the bandwidth at batch 1. Each part sums
-/// into its own `[m, n]` block; `C = beta*C + alpha*(sum of the parts)` at the end (a few KB
-/// against the weight's MB). The parts' order of summation follows their number, so a row's
-/// last bits depend on the thread count and on whether its step has at most 4 rows.
+/// into its own `[m, n]` block, folded into C at the end in part order ([`fold_part`]; a few
+/// KB against the weight's MB): the same bits as the column kernel's.
 #[allow(clippy::too_many_arguments)]
 fn split_k(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, k: usize, b: &[f32], ldb: usize, n: usize, alpha: f32, beta: f32, parts: usize) {
-    let bounds = |t: usize| (t * k / parts, (t + 1) * k / parts);
     let mut sums = vec![0f32; parts * m * n];
     let sp = SendPtr(sums.as_mut_ptr());
     super::team::par_for(parts, |t| {
-        let (k0, k1) = bounds(t);
+        let (k0, k1) = part_bounds(k, parts, t);
         let sp = sp;
         // SAFETY: part t writes its own `[m, n]` block of `sums`; it reads rows k0..k1 <= k of
         // B and columns k0..k1 of A's m rows (asserted by the caller).
@@ -112,13 +163,8 @@ fn split_k(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, k: usize,
     });
     for i in 0..m {
         let row = &mut c[i * ldc..i * ldc + n];
-        if beta == 0.0 {
-            row.fill(0.0);
-        } else if beta != 1.0 {
-            row.iter_mut().for_each(|v| *v *= beta);
-        }
-        for part in sums.chunks_exact(m * n) {
-            super::vecops::axpy(row, alpha, &part[i * n..(i + 1) * n]);
+        for (t, part) in sums.chunks_exact(m * n).enumerate() {
+            fold_part(row, &part[i * n..(i + 1) * n], alpha, beta, t == 0);
         }
     }
 }
@@ -135,6 +181,9 @@ pub(crate) mod x86 {
     use super::{KC, MR, NR};
     use std::arch::x86_64::*;
 
+    /// Columns `j0..j1` of C for all `m` rows: part by part of k ([`super::part_bounds`]),
+    /// each part's sums in `sums` (`[m, j1 - j0]`, dense), then folded into C
+    /// ([`super::fold_part`]).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_columns(
         c: *mut f32,
@@ -149,40 +198,51 @@ pub(crate) mod x86 {
         j1: usize,
         alpha: f32,
         beta: f32,
+        parts: usize,
+        sums: &mut [f32],
     ) {
-        // k-blocks outermost: the KC rows of B a block needs are read left to right across
-        // all column panels (sequential within each row, few pages at a time), instead of
-        // walking one narrow panel down all k rows (one page per row: TLB-bound at d = 4096).
-        let mut kb = 0;
-        while kb < k {
-            let kc = KC.min(k - kb);
-            let first = kb == 0;
-            let (scale_c, scale_acc) = if first { (beta, alpha) } else { (1.0, alpha) };
-            let mut jb = j0;
-            while jb < j1 {
-                let nr = NR.min(j1 - jb);
-                let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
-                let mut ib = 0;
-                while ib < m {
-                    let mr = MR.min(m - ib);
-                    let ap = a.add(ib * lda + kb);
-                    let bp = b.add(kb * ldb + jb);
-                    let cp = c.add(ib * ldc + jb);
-                    match mr {
-                        8 => micro::<8>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
-                        7 => micro::<7>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
-                        6 => micro::<6>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
-                        5 => micro::<5>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
-                        4 => micro::<4>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
-                        3 => micro::<3>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
-                        2 => micro::<2>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
-                        _ => micro::<1>(kc, ap, lda, bp, ldb, cp, ldc, masks, scale_c, scale_acc),
+        let width = j1 - j0;
+        debug_assert!(sums.len() >= m * width);
+        let s = sums.as_mut_ptr();
+        for t in 0..parts {
+            let (k0, k1) = super::part_bounds(k, parts, t);
+            // k-blocks outermost: the KC rows of B a block needs are read left to right across
+            // all column panels (sequential within each row, few pages at a time), instead of
+            // walking one narrow panel down all k rows (one page per row: TLB-bound at d = 4096).
+            let mut kb = k0;
+            while kb < k1 {
+                let kc = KC.min(k1 - kb);
+                let first = kb == k0;
+                let mut jb = j0;
+                while jb < j1 {
+                    let nr = NR.min(j1 - jb);
+                    let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
+                    let mut ib = 0;
+                    while ib < m {
+                        let mr = MR.min(m - ib);
+                        let ap = a.add(ib * lda + kb);
+                        let bp = b.add(kb * ldb + jb);
+                        let sp = s.add(ib * width + (jb - j0));
+                        match mr {
+                            8 => micro::<8>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                            7 => micro::<7>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                            6 => micro::<6>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                            5 => micro::<5>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                            4 => micro::<4>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                            3 => micro::<3>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                            2 => micro::<2>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                            _ => micro::<1>(kc, ap, lda, bp, ldb, sp, width, masks, first),
+                        }
+                        ib += MR;
                     }
-                    ib += MR;
+                    jb += NR;
                 }
-                jb += NR;
+                kb += KC;
             }
-            kb += KC;
+            for i in 0..m {
+                let row = std::slice::from_raw_parts_mut(c.add(i * ldc + j0), width);
+                super::fold_part(row, &sums[i * width..(i + 1) * width], alpha, beta, t == 0);
+            }
         }
     }
 
@@ -222,8 +282,14 @@ pub(crate) mod x86 {
                 for (i, avi) in av.iter().enumerate() {
                     let op = out.add(i * n + j);
                     let mut acc = _mm512_maskz_loadu_ps(mask, op);
-                    for q in 0..4 {
-                        acc = _mm512_fmadd_ps(avi[q], w[q], acc);
+                    if rows == 4 {
+                        for q in 0..4 {
+                            acc = _mm512_fmadd_ps(avi[q], w[q], acc);
+                        }
+                    } else {
+                        for q in 0..rows {
+                            acc = _mm512_fmadd_ps(avi[q], w[q], acc);
+                        }
                     }
                     _mm512_mask_storeu_ps(op, mask, acc);
                 }
@@ -243,8 +309,8 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `C[R, nr] = scale_c * C + scale_acc * A[R, kc] · B[kc, nr]`, accumulators in registers.
-    /// `scale_c == 0` writes C without reading it.
+    /// `S[R, nr] (+)= A[R, kc] · B[kc, nr]`: each sum's fused multiply-add chain continues
+    /// from `S` (from 0 when `first`, without reading `S`), accumulators in registers.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn micro<const R: usize>(
@@ -253,13 +319,21 @@ pub(crate) mod x86 {
         lda: usize,
         b: *const f32,
         ldb: usize,
-        c: *mut f32,
-        ldc: usize,
+        s: *mut f32,
+        lds: usize,
         masks: [__mmask16; 3],
-        scale_c: f32,
-        scale_acc: f32,
+        first: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        if !first {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (v, acc_v) in row.iter_mut().enumerate() {
+                    if masks[v] != 0 {
+                        *acc_v = _mm512_maskz_loadu_ps(masks[v], s.add(i * lds + v * 16));
+                    }
+                }
+            }
+        }
         for p in 0..kc {
             let bp = b.wrapping_add(p * ldb);
             // Weights stream from memory once: ask for the rows one k-block ahead early.
@@ -277,21 +351,11 @@ pub(crate) mod x86 {
                 acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
             }
         }
-        let sa = _mm512_set1_ps(scale_acc);
-        let sc = _mm512_set1_ps(scale_c);
         for (i, row) in acc.iter().enumerate() {
             for (v, &acc_v) in row.iter().enumerate() {
-                if masks[v] == 0 {
-                    continue;
+                if masks[v] != 0 {
+                    _mm512_mask_storeu_ps(s.add(i * lds + v * 16), masks[v], acc_v);
                 }
-                let cp = c.wrapping_add(i * ldc + v * 16);
-                let out = if scale_c == 0.0 {
-                    _mm512_mul_ps(acc_v, sa)
-                } else {
-                    let old = _mm512_maskz_loadu_ps(masks[v], cp);
-                    _mm512_fmadd_ps(acc_v, sa, _mm512_mul_ps(old, sc))
-                };
-                _mm512_mask_storeu_ps(cp, masks[v], out);
             }
         }
     }
@@ -308,6 +372,7 @@ mod x86 {
     pub unsafe fn run_columns(
         _c: *mut f32, _ldc: usize, _a: *const f32, _lda: usize, _m: usize, _k: usize,
         _b: *const f32, _ldb: usize, _j0: usize, _j1: usize, _alpha: f32, _beta: f32,
+        _parts: usize, _sums: &mut [f32],
     ) {
         unreachable!("skinny kernel is only selected on x86-64 with AVX-512F")
     }

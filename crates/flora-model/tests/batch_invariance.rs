@@ -1,0 +1,62 @@
+//! A sequence's logits must not depend on what else runs in its step: a seeded sampled request
+//! then draws the same tokens however busy the server is. The real default model, in f32 and
+//! bf16, with a context long enough for batch-1 attention to split its positions between the
+//! threads, decoded alone and beside 2, 5 and 9 other sequences (3 rows: f32 products split
+//! over k; 6 and 10 rows: split over columns, in full and partial register blocks).
+
+use flora_adapters::WeightFormat;
+use flora_model::{KvCache, Llama, Logits, SeqStep};
+
+/// The subject's logits at each of its decode steps, beside `companions` other sequences.
+fn subject_logits(model: &Llama, companions: usize) -> Vec<Vec<f32>> {
+    let prompt: Vec<u32> = (0..140).map(|i| 100 + (i * 37) % 5000).collect();
+    let mut cache = model.new_cache();
+    model.step(&mut [SeqStep { tokens: &prompt, cache: &mut cache, slot: None, logits: Logits::None }], None).unwrap();
+    let mut others: Vec<KvCache> = (0..companions).map(|_| model.new_cache()).collect();
+    for (i, c) in others.iter_mut().enumerate() {
+        let p: Vec<u32> = (0..5 + 7 * i as u32).map(|t| 200 + t * 13 + i as u32).collect();
+        model.step(&mut [SeqStep { tokens: &p, cache: c, slot: None, logits: Logits::None }], None).unwrap();
+    }
+    let vocab = model.config().vocab;
+    let mut out = Vec::new();
+    for (s, token) in [17u32, 4242, 901].into_iter().enumerate() {
+        let other_tokens: Vec<[u32; 1]> = (0..companions).map(|i| [(300 + 11 * i + s) as u32]).collect();
+        let mut steps = vec![SeqStep { tokens: std::slice::from_ref(&token), cache: &mut cache, slot: None, logits: Logits::Last }];
+        // The subject in the middle of the step, not always its first row.
+        let at = companions / 2;
+        for (c, t) in others.iter_mut().zip(&other_tokens) {
+            steps.push(SeqStep { tokens: t, cache: c, slot: None, logits: Logits::Last });
+        }
+        steps.swap(0, at);
+        let rows = model.step_rows(&mut steps, None).unwrap();
+        out.push(rows[at * vocab..(at + 1) * vocab].to_vec());
+    }
+    out
+}
+
+#[test]
+fn a_sequences_logits_do_not_depend_on_its_step_companions() {
+    let path = flora_model::default_model::resolve_model(None).expect("default model");
+    let mut model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
+    // Two threads, as the CI machine has: f32 products of up to 4 rows split k in two parts,
+    // and a lone decode row's attention splits its 140+ positions in two.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        if format == WeightFormat::F32 && !flora_adapters::cpu::has_avx512() {
+            // f32 products then run on the general GEMM library, whose blocking follows the
+            // row count (docs/model.md).
+            continue;
+        }
+        model.set_weight_format(format).unwrap();
+        pool.install(|| {
+            let alone = subject_logits(&model, 0);
+            for companions in [2, 5, 9] {
+                let beside = subject_logits(&model, companions);
+                for (s, (a, b)) in alone.iter().zip(&beside).enumerate() {
+                    let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                    assert_eq!(differ, 0, "{format}: decode step {s} beside {companions} others: {differ} logits differ from the sequence alone");
+                }
+            }
+        });
+    }
+}
