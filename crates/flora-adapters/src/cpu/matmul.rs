@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn matches_slow_across_shapes_and_strides() {
-        for &(m, k, n) in &[(1, 1, 1), (1, 577, 129), (3, 16, 17), (32, 576, 576), (33, 64, 200), (130, 65, 47), (7, 300, 1000)] {
+        for &(m, k, n) in &[(1, 1, 1), (1, 577, 129), (3, 16, 17), (32, 576, 576), (33, 64, 200), (130, 65, 47), (7, 300, 1000), (40, 96, 3001)] {
             for transpose_b in [false, true] {
                 for beta in [0.0f32, 1.0] {
                     let a = rand_vec(m * k, 1);
