@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 /// Columns per panel: three 16-lane vectors.
 pub const NR: usize = 48;
-/// Rows per block of A that [`x86::block`] takes (run as register blocks of at most 4 rows).
+/// Rows per register block (8 rows x 3 vectors = 24 accumulators).
 const MR: usize = 8;
 /// k-pairs per block: `KC * NR * 4` bytes = 24 KiB of the panel stay in L1 while every row
 /// block of A passes over them.
@@ -557,12 +557,11 @@ mod x86 {
     ) {
         let masks = [lane_mask(nr, 0), lane_mask(nr, 16), lane_mask(nr, 32)];
         debug_assert!(rows <= MR);
-        if rows > 4 {
-            // Two blocks of at most 4 rows: the second reads B from L1.
-            micro::<4>(kc, a, lda, b, c, ldc, masks, accumulate);
-            return block(rows - 4, kc, a.add(4 * lda), lda, b, c.add(4 * ldc), ldc, nr, accumulate);
-        }
         match rows {
+            8 => micro::<8>(kc, a, lda, b, c, ldc, masks, accumulate),
+            7 => micro::<7>(kc, a, lda, b, c, ldc, masks, accumulate),
+            6 => micro::<6>(kc, a, lda, b, c, ldc, masks, accumulate),
+            5 => micro::<5>(kc, a, lda, b, c, ldc, masks, accumulate),
             4 => micro::<4>(kc, a, lda, b, c, ldc, masks, accumulate),
             3 => micro::<3>(kc, a, lda, b, c, ldc, masks, accumulate),
             2 => micro::<2>(kc, a, lda, b, c, ldc, masks, accumulate),
@@ -580,13 +579,11 @@ mod x86 {
         std::mem::transmute(_mm512_set1_epi32(*a as i32))
     }
 
-    /// `C[R, nr] (+)= A[R, kc pairs] · B`, accumulators in registers. Every sum has the same
-    /// arithmetic whatever `R` (a row's bits do not depend on the other rows of its product):
-    /// even k-pairs in one chain, odd ones in a second, the two added, then the last pair of
-    /// an odd `kc` (two chains also keep batch-1 decode off the `vdpbf16ps` latency). At most
-    /// 4 rows (2 x 12 accumulators and 6 B vectors fill the 32 registers; [`block`] runs 8 rows
-    /// as two blocks of 4). Sweeping the block twice instead, even pairs then odd, with 8 rows,
-    /// was 10-20% slower at 8 and 32 rows (throwaway timing).
+    /// `C[R, nr] (+)= A[R, kc pairs] · B`, accumulators in registers: each sum is one
+    /// `vdpbf16ps` chain over the block's k-pairs in order, whatever `R`, so a row's bits do not
+    /// depend on the other rows of its product. (Blocks of 1-2 rows used to keep a second
+    /// chain for odd k-pairs against the instruction's latency; with the weights streaming from
+    /// memory one chain is as fast: throwaway timing, 1 and 2 rows at 0.80-1.06x.)
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn micro<const R: usize>(
@@ -601,34 +598,6 @@ mod x86 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
         let mut q = 0;
-        {
-            let mut acc2 = [[_mm512_setzero_ps(); 3]; R];
-            while q + 2 <= kc {
-                let bp = b.add(q * NR);
-                let (b0, b1, b2) = (load_b(bp), load_b(bp.add(16)), load_b(bp.add(32)));
-                let (b3, b4, b5) = (
-                    load_b(bp.add(NR)),
-                    load_b(bp.add(NR + 16)),
-                    load_b(bp.add(NR + 32)),
-                );
-                for i in 0..R {
-                    let av = splat_a(a.add(i * lda + q));
-                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-                    acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
-                    let av = splat_a(a.add(i * lda + q + 1));
-                    acc2[i][0] = _mm512_dpbf16_ps(acc2[i][0], av, b3);
-                    acc2[i][1] = _mm512_dpbf16_ps(acc2[i][1], av, b4);
-                    acc2[i][2] = _mm512_dpbf16_ps(acc2[i][2], av, b5);
-                }
-                q += 2;
-            }
-            for i in 0..R {
-                for v in 0..3 {
-                    acc[i][v] = _mm512_add_ps(acc[i][v], acc2[i][v]);
-                }
-            }
-        }
         while q < kc {
             let bp = b.add(q * NR);
             let (b0, b1, b2) = (load_b(bp), load_b(bp.add(16)), load_b(bp.add(32)));
