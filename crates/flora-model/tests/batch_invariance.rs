@@ -2,33 +2,64 @@
 //! then draws the same tokens however busy the server is. The real default model, in f32 and
 //! bf16, with a context long enough for batch-1 attention to split its positions between the
 //! threads, decoded alone and beside 2, 5 and 9 other sequences (3 rows: f32 products split
-//! over k; 6 and 10 rows: split over columns, in full and partial register blocks).
+//! over k; 6 and 10 rows: split over columns, in full and partial register blocks). The
+//! subject runs the base model, then a LoRA adapter; the companions mix the base model, LoRA,
+//! input-side IA3 and fLoRA, so their steps leave the path where every row enters the shared
+//! GEMM unchanged.
 
-use flora_adapters::WeightFormat;
-use flora_model::{KvCache, Llama, Logits, SeqStep};
+use flora_adapters::init::{self, WeightRng};
+use flora_adapters::{AdapterKind, WeightFormat};
+use flora_model::adapters::{Adapter, ModelAdapters};
+use flora_model::{KvCache, Llama, LlamaConfig, Logits, Proj, SeqStep};
+use std::collections::BTreeMap;
+
+fn random_adapter(cfg: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Proj], seed: u64) -> Adapter {
+    let mut rng = WeightRng::new(seed);
+    let dev = candle_core::Device::Cpu;
+    let mut weights = BTreeMap::new();
+    for layer in 0..cfg.n_layers {
+        for &p in targets {
+            let (di, dout) = p.dims(cfg);
+            let w = match kind {
+                AdapterKind::Lora => init::lora_random(rank, di, dout, 2.0 * rank as f32, &mut rng, &dev),
+                AdapterKind::Flora => init::flora_random(rank, di, dout, &mut rng, &dev),
+                AdapterKind::Ia3 => init::ia3_random(if p == Proj::Down { di } else { dout }, p == Proj::Down, &mut rng, &dev),
+            }
+            .unwrap();
+            weights.insert((layer, p), w);
+        }
+    }
+    Adapter { name: format!("{kind}-{rank}-{seed}"), kind, rank, weights }
+}
+
+/// Slots of the packed adapters.
+const LORA: u32 = 0;
+const IA3: u32 = 1;
+const FLORA: u32 = 2;
 
 /// The subject's logits at each of its decode steps, beside `companions` other sequences.
-fn subject_logits(model: &Llama, companions: usize) -> Vec<Vec<f32>> {
+fn subject_logits(model: &Llama, adapters: &ModelAdapters, subject: Option<u32>, companions: usize) -> Vec<Vec<f32>> {
     let prompt: Vec<u32> = (0..140).map(|i| 100 + (i * 37) % 5000).collect();
     let mut cache = model.new_cache();
-    model.step(&mut [SeqStep { tokens: &prompt, cache: &mut cache, slot: None, logits: Logits::None }], None).unwrap();
+    model.step(&mut [SeqStep { tokens: &prompt, cache: &mut cache, slot: subject, logits: Logits::None }], Some(adapters)).unwrap();
+    let slot_of = |i: usize| [None, Some(FLORA), Some(IA3), Some(LORA)][i % 4];
     let mut others: Vec<KvCache> = (0..companions).map(|_| model.new_cache()).collect();
     for (i, c) in others.iter_mut().enumerate() {
         let p: Vec<u32> = (0..5 + 7 * i as u32).map(|t| 200 + t * 13 + i as u32).collect();
-        model.step(&mut [SeqStep { tokens: &p, cache: c, slot: None, logits: Logits::None }], None).unwrap();
+        model.step(&mut [SeqStep { tokens: &p, cache: c, slot: slot_of(i), logits: Logits::None }], Some(adapters)).unwrap();
     }
     let vocab = model.config().vocab;
     let mut out = Vec::new();
     for (s, token) in [17u32, 4242, 901].into_iter().enumerate() {
         let other_tokens: Vec<[u32; 1]> = (0..companions).map(|i| [(300 + 11 * i + s) as u32]).collect();
-        let mut steps = vec![SeqStep { tokens: std::slice::from_ref(&token), cache: &mut cache, slot: None, logits: Logits::Last }];
+        let mut steps = vec![SeqStep { tokens: std::slice::from_ref(&token), cache: &mut cache, slot: subject, logits: Logits::Last }];
+        for (i, (c, t)) in others.iter_mut().zip(&other_tokens).enumerate() {
+            steps.push(SeqStep { tokens: t, cache: c, slot: slot_of(i), logits: Logits::Last });
+        }
         // The subject in the middle of the step, not always its first row.
         let at = companions / 2;
-        for (c, t) in others.iter_mut().zip(&other_tokens) {
-            steps.push(SeqStep { tokens: t, cache: c, slot: None, logits: Logits::Last });
-        }
         steps.swap(0, at);
-        let rows = model.step_rows(&mut steps, None).unwrap();
+        let rows = model.step_rows(&mut steps, Some(adapters)).unwrap();
         out.push(rows[at * vocab..(at + 1) * vocab].to_vec());
     }
     out
@@ -38,6 +69,12 @@ fn subject_logits(model: &Llama, companions: usize) -> Vec<Vec<f32>> {
 fn a_sequences_logits_do_not_depend_on_its_step_companions() {
     let path = flora_model::default_model::resolve_model(None).expect("default model");
     let mut model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
+    let cfg = model.config().clone();
+    let adapters = [
+        random_adapter(&cfg, AdapterKind::Lora, 8, &Proj::ALL, 1),
+        random_adapter(&cfg, AdapterKind::Ia3, 1, &[Proj::K, Proj::V, Proj::Down], 2),
+        random_adapter(&cfg, AdapterKind::Flora, 2, &[Proj::Q, Proj::V, Proj::Up], 3),
+    ];
     // Two threads, as the CI machine has: f32 products of up to 4 rows split k in two parts,
     // and a lone decode row's attention splits its 140+ positions in two.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -48,13 +85,16 @@ fn a_sequences_logits_do_not_depend_on_its_step_companions() {
             continue;
         }
         model.set_weight_format(format).unwrap();
+        let packed = model.pack_adapters(&adapters.iter().collect::<Vec<_>>()).unwrap();
         pool.install(|| {
-            let alone = subject_logits(&model, 0);
-            for companions in [2, 5, 9] {
-                let beside = subject_logits(&model, companions);
-                for (s, (a, b)) in alone.iter().zip(&beside).enumerate() {
-                    let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-                    assert_eq!(differ, 0, "{format}: decode step {s} beside {companions} others: {differ} logits differ from the sequence alone");
+            for subject in [None, Some(LORA)] {
+                let alone = subject_logits(&model, &packed, subject, 0);
+                for companions in [2, 5, 9] {
+                    let beside = subject_logits(&model, &packed, subject, companions);
+                    for (s, (a, b)) in alone.iter().zip(&beside).enumerate() {
+                        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                        assert_eq!(differ, 0, "{format}, subject slot {subject:?}: decode step {s} beside {companions} others: {differ} logits differ from the sequence alone");
+                    }
                 }
             }
         });

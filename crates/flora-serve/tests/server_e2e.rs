@@ -133,7 +133,8 @@ async fn chat_completions_plain_and_streamed() {
 /// A seed fixes the samples: a request alone, and two copies of it running side by side (their
 /// six sequences share steps), draw the same tokens. Its own server: the shared one's other
 /// tests could fill a step past the 64 rows up to which f32 products keep a row's bits
-/// whatever its companions (docs/model.md).
+/// whatever its companions (docs/model.md); without AVX-512 no f32 step keeps them, and only
+/// the sequential repeat is compared.
 #[tokio::test(flavor = "multi_thread")]
 async fn n_choices_and_seeded_sampling_are_reproducible() {
     let server = TestServer::start(ServeOptions { model_name: BASE.into(), ..ServeOptions::default() });
@@ -145,14 +146,18 @@ async fn n_choices_and_seeded_sampling_are_reproducible() {
             (r.status(), r.json::<Value>().await.unwrap())
         }
     };
-    let (s1, a) = send(body.clone()).await;
-    let ((s2, b), (s3, c)) = tokio::join!(send(body.clone()), send(body));
-    assert_eq!((s1, s2, s3), (StatusCode::OK, StatusCode::OK, StatusCode::OK));
-    assert_eq!(a["choices"].as_array().unwrap().len(), 3);
     let texts = |v: &Value| v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let (s1, a) = send(body.clone()).await;
+    let (s2, b) = send(body.clone()).await;
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(a["choices"].as_array().unwrap().len(), 3);
     assert_eq!(texts(&a), texts(&b), "same seed, same samples");
-    assert_eq!(texts(&a), texts(&c), "same seed, same samples");
-    assert!(texts(&a).iter().collect::<std::collections::HashSet<_>>().len() > 1, "the choices draw with their own seeds");
+    if flora_adapters::cpu::has_avx512() {
+        let ((s3, c), (s4, d)) = tokio::join!(send(body.clone()), send(body));
+        assert_eq!((s3, s4), (StatusCode::OK, StatusCode::OK));
+        assert_eq!(texts(&a), texts(&c), "same seed, same samples, beside another request");
+        assert_eq!(texts(&a), texts(&d), "same seed, same samples, beside another request");
+    }
     assert_eq!(a["usage"]["prompt_tokens"], 4, "the prompt counts once for n choices");
     assert_eq!(a["usage"]["completion_tokens"], 24);
 }

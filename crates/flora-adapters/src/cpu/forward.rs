@@ -367,7 +367,10 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
 }
 
 /// [`lora_rows`] over bf16 tables (bf16 inference): the rows are rounded to bf16 like the
-/// base GEMM's input (see [`lora_rows_rounded`]).
+/// base GEMM's input (see [`lora_rows_rounded`]). The terms are summed on their own and then
+/// added to the base output, as [`forward_pooled`] does: a LoRA row gets the same bits
+/// whichever path its step takes (the pooled one when every row enters the GEMM unchanged,
+/// this one beside fLoRA or input-side IA3 rows).
 #[allow(clippy::too_many_arguments)]
 fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &SlotSpec, di: usize, dout: usize) {
     let rows = xs.len() / di;
@@ -375,7 +378,11 @@ fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &
     if rows > 0 {
         super::bf16::round_rows(&mut x16, xs, di, rows, di);
     }
-    lora_rows_rounded(ys, &x16, a16, bt16, spec, di, dout)
+    let mut terms = vec![0f32; rows * dout];
+    lora_rows_rounded(&mut terms, &x16, a16, bt16, spec, di, dout);
+    for (yr, tr) in ys.chunks_exact_mut(dout).zip(terms.chunks_exact(dout)) {
+        axpy(yr, 1.0, tr);
+    }
 }
 
 /// LoRA over bf16 tables for rows already rounded to bf16 pairs (`x16 [rows, ceil(d_in/2)]`):
