@@ -47,7 +47,8 @@ fn state(tr: &Trainer) -> Vec<Vec<u32>> {
 #[test]
 fn trainer_resume_is_bit_identical() {
     let model = tiny_model();
-    let dir = tempdir("trainer");
+    let tmp = tempdir("trainer");
+    let dir = tmp.path();
     let fp = serde_json::json!({"run": "test"});
     let mut full = make(&model);
     let mut losses = Vec::new();
@@ -78,11 +79,10 @@ fn trainer_resume_is_bit_identical() {
     assert!(err.contains("different run"), "{err}");
 }
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("flora-train-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory, removed when the returned guard drops (at the end of the test, passed
+/// or failed).
+fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("flora-train-test-{tag}-")).tempdir().unwrap()
 }
 
 fn write_data(dir: &Path) -> std::path::PathBuf {
@@ -140,7 +140,8 @@ fn losses(metrics: &Path) -> Vec<String> {
 #[test]
 fn run_killed_and_resumed_equals_uninterrupted_run() {
     let model = tiny_model();
-    let dir = tempdir("run");
+    let tmp = tempdir("run");
+    let dir = tmp.path();
     let data = write_data(&dir);
     let (a, b) = (dir.join("a"), dir.join("b"));
     let full = run::run(&args(&data, &a), &model, &ToyEncoder, &mut Quiet).unwrap();
