@@ -19,7 +19,42 @@ pub struct Adapter {
     pub weights: BTreeMap<(usize, Proj), AdapterWeights>,
 }
 
+/// How [`Adapter::random`] draws an adapter's weights.
+#[derive(Clone, Copy, Debug)]
+pub struct RandomAdapter {
+    pub seed: u64,
+    /// LoRA's alpha (its scale is alpha / rank).
+    pub lora_alpha: f32,
+    /// IA3 on down_proj scales its input (the execution path that changes the GEMM's rows)
+    /// instead of its output.
+    pub ia3_input_on_down: bool,
+}
+
 impl Adapter {
+    /// Random weights that change the output (for tests and benchmarks): `kind` on `targets`
+    /// of every layer; LoRA's A and B uniform, fLoRA's and IA3's vectors around 1. IA3's rank
+    /// is 1 whatever `rank` says.
+    pub fn random(cfg: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Proj], how: RandomAdapter) -> Result<Self> {
+        use flora_adapters::init;
+        let mut rng = init::WeightRng::new(how.seed);
+        let dev = Device::Cpu;
+        let mut weights = BTreeMap::new();
+        for layer in 0..cfg.n_layers {
+            for &p in targets {
+                let (di, dout) = p.dims(cfg);
+                let w = match kind {
+                    AdapterKind::Lora => init::lora_random(rank, di, dout, how.lora_alpha, &mut rng, &dev)?,
+                    AdapterKind::Flora => init::flora_random(rank, di, dout, &mut rng, &dev)?,
+                    AdapterKind::Ia3 if how.ia3_input_on_down && p == Proj::Down => init::ia3_random(di, true, &mut rng, &dev)?,
+                    AdapterKind::Ia3 => init::ia3_random(dout, false, &mut rng, &dev)?,
+                };
+                weights.insert((layer, p), w);
+            }
+        }
+        let rank = if kind == AdapterKind::Ia3 { 1 } else { rank };
+        Ok(Adapter { name: format!("random-{kind}-{rank}-{}", how.seed), kind, rank, weights })
+    }
+
     /// Bytes of f32 parameters.
     pub fn n_bytes(&self) -> usize {
         self.weights

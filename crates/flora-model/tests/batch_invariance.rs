@@ -7,30 +7,12 @@
 //! input-side IA3 and fLoRA, so their steps leave the path where every row enters the shared
 //! GEMM unchanged.
 
-use flora_adapters::init::{self, WeightRng};
-use flora_adapters::{AdapterKind, WeightFormat};
-use flora_model::adapters::{Adapter, ModelAdapters};
-use flora_model::{KvCache, Llama, LlamaConfig, Logits, Proj, SeqStep};
-use std::collections::BTreeMap;
+mod common;
 
-fn random_adapter(cfg: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Proj], seed: u64) -> Adapter {
-    let mut rng = WeightRng::new(seed);
-    let dev = candle_core::Device::Cpu;
-    let mut weights = BTreeMap::new();
-    for layer in 0..cfg.n_layers {
-        for &p in targets {
-            let (di, dout) = p.dims(cfg);
-            let w = match kind {
-                AdapterKind::Lora => init::lora_random(rank, di, dout, 2.0 * rank as f32, &mut rng, &dev),
-                AdapterKind::Flora => init::flora_random(rank, di, dout, &mut rng, &dev),
-                AdapterKind::Ia3 => init::ia3_random(if p == Proj::Down { di } else { dout }, p == Proj::Down, &mut rng, &dev),
-            }
-            .unwrap();
-            weights.insert((layer, p), w);
-        }
-    }
-    Adapter { name: format!("{kind}-{rank}-{seed}"), kind, rank, weights }
-}
+use common::random_adapter;
+use flora_adapters::{AdapterKind, WeightFormat};
+use flora_model::adapters::ModelAdapters;
+use flora_model::{KvCache, Llama, Logits, Proj, SeqStep};
 
 /// Slots of the packed adapters.
 const LORA: u32 = 0;

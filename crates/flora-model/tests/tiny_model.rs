@@ -2,31 +2,15 @@
 //! invariance across lengths, positions, chunking and adapters of every kind), identity adapters
 //! give the base logits, and adapter directories round-trip bit-identically.
 
+mod common;
+
 use candle_core::Tensor;
+use common::random_adapter;
 use flora_adapters::init::{self, WeightRng};
 use flora_adapters::{AdapterKind, AdapterWeights};
 use flora_model::adapters::{Adapter, ModelAdapters};
 use flora_model::{Llama, LlamaConfig, Logits, Proj, SeqStep};
 use std::collections::BTreeMap;
-
-fn random_adapter(cfg: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Proj], seed: u64) -> Adapter {
-    let mut rng = WeightRng::new(seed);
-    let dev = candle_core::Device::Cpu;
-    let mut weights = BTreeMap::new();
-    for layer in 0..cfg.n_layers {
-        for &p in targets {
-            let (di, dout) = p.dims(cfg);
-            let w = match kind {
-                AdapterKind::Lora => init::lora_random(rank, di, dout, 2.0 * rank as f32, &mut rng, &dev),
-                AdapterKind::Flora => init::flora_random(rank, di, dout, &mut rng, &dev),
-                AdapterKind::Ia3 => init::ia3_random(if p == Proj::Down { di } else { dout }, p == Proj::Down, &mut rng, &dev),
-            }
-            .unwrap();
-            weights.insert((layer, p), w);
-        }
-    }
-    Adapter { name: format!("{kind}-{rank}-{seed}"), kind, rank, weights }
-}
 
 fn logits_rows(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2().unwrap()
