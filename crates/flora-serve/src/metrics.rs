@@ -108,6 +108,7 @@ pub fn engine_gauges(running: usize, waiting: usize, per_adapter: &BTreeMap<Stri
 pub fn pool(stats: &PoolStats, max_bytes: usize) {
     counter!("flora_adapter_pool_hits_total").absolute(stats.hits);
     counter!("flora_adapter_pool_misses_total").absolute(stats.misses);
+    counter!("flora_adapter_pool_loads_total").absolute(stats.loads);
     counter!("flora_adapter_pool_evictions_total").absolute(stats.evictions);
     gauge!("flora_adapter_pool_bytes").set(stats.bytes as f64);
     gauge!("flora_adapter_pool_max_bytes").set(max_bytes as f64);

@@ -37,8 +37,13 @@ pub enum PoolError {
 /// Counters for metrics and reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
+    /// Requests that found their adapter's version pooled.
     pub hits: u64,
+    /// Requests that did not: the one that loads it and any that wait for that load.
     pub misses: u64,
+    /// Adapters read (from disk or a load request) and offered to the pool: one per version
+    /// however many requests waited for it, as the store loads each version once at a time.
+    pub loads: u64,
     pub evictions: u64,
     pub bytes: usize,
     pub adapters: usize,
@@ -111,6 +116,7 @@ impl AdapterPool {
             return Err(PoolError::TooLarge { name: info.name, need: bytes, max: self.max_bytes });
         }
         let mut inner = self.inner.lock().expect("pool lock");
+        inner.stats.loads += 1;
         // Another loader may have won the race for the same version.
         if let Some(e) = inner.entries.get(&info.name) {
             if e.adapter.info.version == info.version && e.adapter.info.path == info.path {
@@ -201,7 +207,7 @@ mod tests {
         drop(pool.insert(i, a).unwrap());
         assert_eq!(pool.resident(), vec!["b", "e"], "a and d go, pinned b stays");
         let s = pool.stats();
-        assert_eq!((s.evictions, s.bytes, s.hits), (3, 300, 2));
+        assert_eq!((s.evictions, s.bytes, s.hits, s.loads), (3, 300, 2, 5));
         drop(pinned_b);
     }
 

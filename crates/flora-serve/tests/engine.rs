@@ -114,3 +114,34 @@ fn shutdown_fails_what_cannot_finish_and_refuses_new_work() {
     let (req, _rx) = request(prompt, None, 4);
     assert!(engine.submit(req).is_err());
 }
+
+/// Requests for one absent adapter arriving together: one of them loads it, the others wait
+/// for that load and share the pooled copy (one load, every request a miss).
+#[test]
+fn concurrent_requests_for_an_absent_adapter_load_it_once() {
+    let path = flora_model::default_model::resolve_model(None).unwrap();
+    let model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
+    let store = AdapterStore::new(Registry::new(Some(testdata().join("peft"))).unwrap(), AdapterPool::new(1 << 30), model.config().clone(), model.weight_format());
+    let barrier = std::sync::Barrier::new(6);
+    let got: Vec<Arc<LoadedAdapter>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    store.acquire("lora_r4_all").unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(got.iter().all(|a| Arc::ptr_eq(a, &got[0])), "every request shares the one pooled copy");
+    let stats = store.pool().stats();
+    assert_eq!(stats.loads, 1, "{stats:?}");
+    assert_eq!(stats.hits + stats.misses, 6, "{stats:?}");
+    assert!(stats.misses >= 1, "{stats:?}");
+    // Pooled now: a later request is a hit and loads nothing.
+    store.acquire("lora_r4_all").unwrap();
+    let after = store.pool().stats();
+    assert_eq!((after.loads, after.hits), (1, stats.hits + 1), "{after:?}");
+}
+
