@@ -4,7 +4,7 @@
 
 use crate::kv_cache::{KvCache, KvElem, KvRows};
 use crate::layers::Rope;
-use flora_adapters::cpu::vecops::{axpy, exp_in_place};
+use flora_adapters::cpu::vecops::{axpy, axpy_widened, exp_in_place};
 use rayon::prelude::*;
 
 /// Shapes of one attention layer.
@@ -101,28 +101,33 @@ fn attend_row_split<E: KvElem>(o: &mut [f32], q: &[f32], kc: &[E], vc: &[E], sha
     // Part i: positions `i * positions / parts ..`; every part holds at least
     // SPLIT_MIN_POSITIONS of them (parts <= positions / SPLIT_MIN_POSITIONS).
     let bounds = |i: usize| (i * positions / parts, (i + 1) * positions / parts);
-    // Part i's unnormalized output `[n_heads * hd]` and its per-head softmax states.
-    let results: Vec<std::sync::Mutex<(Vec<f32>, Vec<Softmax>)>> =
-        (0..parts).map(|_| std::sync::Mutex::new((vec![0f32; qd], vec![Softmax::EMPTY; shape.n_heads]))).collect();
-    let run = |i: usize| {
+    // Part i's unnormalized output `[n_heads * hd]` and its per-head softmax states: block i of
+    // two flat buffers (two allocations per row, whatever the parts).
+    let (n_heads, kd) = (shape.n_heads, shape.kd);
+    let mut outs = vec![0f32; parts * qd];
+    let mut states = vec![Softmax::EMPTY; parts * n_heads];
+    let run = |i: usize, po: &mut [f32], ps: &mut [Softmax]| {
         let (j0, j1) = bounds(i);
-        let (kd, mut guard) = (shape.kd, results[i].lock().expect("one writer per part"));
-        let (po, ps) = &mut *guard;
         attend_part(po, ps, q, &kc[j0 * kd..j1 * kd], &vc[j0 * kd..j1 * kd], shape);
     };
+    let blocks = outs.chunks_exact_mut(qd).zip(states.chunks_exact_mut(n_heads));
     if parallel {
-        flora_adapters::cpu::team::par_for(parts, run);
+        let blocks: Vec<std::sync::Mutex<_>> = blocks.map(std::sync::Mutex::new).collect();
+        flora_adapters::cpu::team::par_for(parts, |i| {
+            let mut guard = blocks[i].lock().expect("one writer per part");
+            let (po, ps) = &mut *guard;
+            run(i, po, ps);
+        });
     } else {
-        (0..parts).for_each(run);
+        blocks.enumerate().for_each(|(i, (po, ps))| run(i, po, ps));
     }
-    let results: Vec<(Vec<f32>, Vec<Softmax>)> = results.into_iter().map(|m| m.into_inner().expect("parts finished")).collect();
-    let mut merged = vec![Softmax::EMPTY; shape.n_heads];
+    let mut merged = vec![Softmax::EMPTY; n_heads];
     for (h, state) in merged.iter_mut().enumerate() {
-        let max = results.iter().fold(f32::NEG_INFINITY, |m, (_, s)| m.max(s[h].max));
+        let max = states.chunks_exact(n_heads).fold(f32::NEG_INFINITY, |m, s| m.max(s[h].max));
         let oh = &mut o[h * shape.hd..(h + 1) * shape.hd];
         oh.fill(0.0);
         *state = Softmax { max, sum: 0.0 };
-        for (po, ps) in &results {
+        for (po, ps) in outs.chunks_exact(qd).zip(states.chunks_exact(n_heads)) {
             let w = (ps[h].max - max).exp();
             state.sum += ps[h].sum * w;
             axpy(oh, w, &po[h * shape.hd..(h + 1) * shape.hd]);
@@ -330,9 +335,7 @@ fn weighted_rows<E: KvElem>(out: &mut [f32], p: &[f32], v: &[E], stride: usize) 
     if c < hd {
         out[c..].fill(0.0);
         for (j, &w) in p.iter().enumerate() {
-            for (o, x) in out[c..].iter_mut().zip(&v[j * stride + c..j * stride + hd]) {
-                *o += w * x.to_f32();
-            }
+            axpy_widened(&mut out[c..], w, &v[j * stride + c..j * stride + hd], E::to_f32);
         }
     }
 }

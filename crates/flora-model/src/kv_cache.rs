@@ -27,6 +27,13 @@ impl KvRows {
         }
     }
 
+    fn reserve_exact(&mut self, values: usize) {
+        match self {
+            KvRows::F32(v) => v.reserve_exact(values),
+            KvRows::Bf16(v) => v.reserve_exact(values),
+        }
+    }
+
     /// Appends rows given in f32 (rounded for a bf16 cache).
     pub(crate) fn push(&mut self, rows: &[f32]) {
         match self {
@@ -39,7 +46,7 @@ impl KvRows {
         }
     }
 
-    /// The first `n` values, widened to f32 (tests and the portable path compare through it).
+    /// The first `n` values, widened to f32 (what the tests compare against).
     #[cfg(test)]
     pub(crate) fn to_f32(&self, n: usize) -> Vec<f32> {
         match self {
@@ -132,10 +139,7 @@ impl KvCache {
     pub fn reserve(&mut self, positions: usize) {
         let values = positions.saturating_sub(self.len) * self.kv_dim;
         for rows in self.k.iter_mut().chain(&mut self.v) {
-            match rows {
-                KvRows::F32(v) => v.reserve_exact(values),
-                KvRows::Bf16(v) => v.reserve_exact(values),
-            }
+            rows.reserve_exact(values);
         }
     }
 

@@ -597,8 +597,7 @@ mod x86 {
         accumulate: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        let mut q = 0;
-        while q < kc {
+        for q in 0..kc {
             let bp = b.add(q * NR);
             let (b0, b1, b2) = (load_b(bp), load_b(bp.add(16)), load_b(bp.add(32)));
             for i in 0..R {
@@ -607,7 +606,6 @@ mod x86 {
                 acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
                 acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
             }
-            q += 1;
         }
         for (i, row) in acc.iter().enumerate() {
             for (v, &acc_v) in row.iter().enumerate() {

@@ -179,9 +179,7 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
     for &(pi, seg, _) in &lora {
         let dout = projs[pi].packed.n();
         let (mine, rest) = terms.split_at(seg.len * dout);
-        for (yr, tr) in ys[pi][seg.start * dout..(seg.start + seg.len) * dout].chunks_exact_mut(dout).zip(mine.chunks_exact(dout)) {
-            axpy(yr, 1.0, tr);
-        }
+        axpy(&mut ys[pi][seg.start * dout..(seg.start + seg.len) * dout], 1.0, mine);
         terms = rest;
     }
     for (y, p) in ys.iter_mut().zip(projs) {
@@ -380,9 +378,7 @@ fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &
     }
     let mut terms = vec![0f32; rows * dout];
     lora_rows_rounded(&mut terms, &x16, a16, bt16, spec, di, dout);
-    for (yr, tr) in ys.chunks_exact_mut(dout).zip(terms.chunks_exact(dout)) {
-        axpy(yr, 1.0, tr);
-    }
+    axpy(ys, 1.0, &terms);
 }
 
 /// LoRA over bf16 tables for rows already rounded to bf16 pairs (`x16 [rows, ceil(d_in/2)]`):

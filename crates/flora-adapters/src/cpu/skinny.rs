@@ -74,7 +74,7 @@ pub fn matmul_rows(
         return split_k(c, ldc, a, lda, m, k, b, ldb, n, alpha, beta, parts);
     }
     // One chunk per thread (more made batch-1 f32 decode slower), claimed through `team`.
-    let n_chunks = if flops < (1 << 20) && b_bytes < (1 << 19) { 1 } else { threads.min(n_panels) };
+    let n_chunks = if flops < (1 << 20) && b_bytes < SPLIT_MIN_B_BYTES { 1 } else { threads.min(n_panels) };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let cp = SendPtr(c.as_mut_ptr());
     let run = |chunk: usize| {
@@ -84,7 +84,7 @@ pub fn matmul_rows(
             let cp = cp;
             // Part sums for column chunks of whole panels, at most SUMS_FLOATS in all.
             let chunk_cols = (SUMS_FLOATS / m / NR).max(1) * NR;
-            with_part_sums(m * chunk_cols.min(j1 - j0), |sums| {
+            super::vecops::with_scratch(PART_SUMS, m * chunk_cols.min(j1 - j0), |sums| {
                 // SAFETY: chunks write disjoint column ranges of C; bounds asserted above;
                 // `sums` holds `[m, chunk]` part sums.
                 unsafe { x86::run_columns(cp.0, ldc, a.as_ptr(), lda, m, k, b.as_ptr(), ldb, j0, j1, alpha, beta, parts, sums) }
@@ -100,7 +100,7 @@ pub fn matmul_rows(
 /// x n); one for weights under 512 KiB (too small to split). Not a function of `m`: a row's
 /// result is the same bits in a product of 1 row or 64.
 fn k_parts(k: usize, n: usize, threads: usize) -> usize {
-    if 4 * k * n < (1 << 19) {
+    if 4 * k * n < SPLIT_MIN_B_BYTES {
         1
     } else {
         threads.min(((k / 8) as f64).sqrt() as usize).max(1)
@@ -130,21 +130,6 @@ fn fold_part(row: &mut [f32], sums: &[f32], alpha: f32, beta: f32, first: bool) 
     super::vecops::axpy(row, alpha, sums);
 }
 
-/// Runs `f` on a scratch of `len` floats (kept per thread between calls; its values are
-/// whatever the last call left: the column kernel writes a part's sums before reading them).
-fn with_part_sums<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    thread_local! {
-        static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SUMS.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
-        }
-        f(&mut s[..len])
-    })
-}
-
 /// Decode rows (at most [`STREAM_MAX_ROWS`]) whose partial output fits in L2 (`m * n` floats, see
 /// [`STREAM_MAX_OUTPUT`]): the threads split `k`, not the columns, and each streams its run of
 /// B's rows front to back, whole rows at a time (`x86::stream_rows`): one sequential read per
@@ -154,23 +139,34 @@ fn with_part_sums<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// KB against the weight's MB): the same bits as the column kernel's.
 #[allow(clippy::too_many_arguments)]
 fn split_k(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, k: usize, b: &[f32], ldb: usize, n: usize, alpha: f32, beta: f32, parts: usize) {
-    let mut sums = vec![0f32; parts * m * n];
-    let sp = SendPtr(sums.as_mut_ptr());
-    super::team::par_for(parts, |t| {
-        let (k0, k1) = part_bounds(k, parts, t);
-        let sp = sp;
-        // SAFETY: part t writes its own `[m, n]` block of `sums`; it reads rows k0..k1 <= k of
-        // B and columns k0..k1 of A's m rows (asserted by the caller).
-        unsafe { x86::stream_rows(sp.0.add(t * m * n), a.as_ptr().add(k0), lda, m, k1 - k0, b.as_ptr().add(k0 * ldb), ldb, n) };
-    });
-    for i in 0..m {
-        let row = &mut c[i * ldc..i * ldc + n];
-        for (t, part) in sums.chunks_exact(m * n).enumerate() {
-            fold_part(row, &part[i * n..(i + 1) * n], alpha, beta, t == 0);
+    // The caller's scratch (up to 1 MB at batch 1 over the LM head): a fresh allocation per
+    // call came back from the kernel as pages to fault in, every GEMM of every token. The
+    // parts add into their blocks, so they start from zero.
+    super::vecops::with_scratch(PART_SUMS, parts * m * n, |sums| {
+        sums.fill(0.0);
+        let sp = SendPtr(sums.as_mut_ptr());
+        super::team::par_for(parts, |t| {
+            let (k0, k1) = part_bounds(k, parts, t);
+            let sp = sp;
+            // SAFETY: part t writes its own `[m, n]` block of `sums`; it reads rows k0..k1 <= k
+            // of B and columns k0..k1 of A's m rows (asserted by the caller).
+            unsafe { x86::stream_rows(sp.0.add(t * m * n), a.as_ptr().add(k0), lda, m, k1 - k0, b.as_ptr().add(k0 * ldb), ldb, n) };
+        });
+        for i in 0..m {
+            let row = &mut c[i * ldc..i * ldc + n];
+            for (t, part) in sums.chunks_exact(m * n).enumerate() {
+                fold_part(row, &part[i * n..(i + 1) * n], alpha, beta, t == 0);
+            }
         }
-    }
+    })
 }
 
+/// The thread-local scratch buffer (`vecops::with_scratch`) that holds part sums (buffers 1
+/// and 2 are held around GEMMs in `forward.rs`).
+const PART_SUMS: usize = 3;
+/// Weights below this many bytes are not split over k, nor over threads when the product is
+/// small too (too little to stream to pay for the hand-off).
+const SPLIT_MIN_B_BYTES: usize = 1 << 19;
 /// Floats of part sums a thread of the column kernel keeps at once: 64 KiB, in L2 beside the
 /// k-block of B (LM head, 32 rows: 13.0 ms against 23.0 ms with all 24576 columns of a thread
 /// at once, 13.5 ms with 32 KiB, 15.5 ms with 512 KiB; throwaway timing).
@@ -297,6 +293,7 @@ pub(crate) mod x86 {
                 for (i, avi) in av.iter().enumerate() {
                     let op = out.add(i * n + j);
                     let mut acc = _mm512_maskz_loadu_ps(mask, op);
+                    // The same chain either way; a constant trip count lets the usual case unroll.
                     if rows == 4 {
                         for q in 0..4 {
                             acc = _mm512_fmadd_ps(avi[q], w[q], acc);

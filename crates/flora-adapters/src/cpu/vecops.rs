@@ -74,8 +74,9 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     axpy_widened(y, alpha, x, |v| v)
 }
 
+/// [`axpy`] with `x` widened to f32 by `widen`.
 #[inline(always)]
-fn axpy_widened<T: Copy>(y: &mut [f32], alpha: f32, x: &[T], widen: impl Fn(T) -> f32) {
+pub fn axpy_widened<T: Copy>(y: &mut [f32], alpha: f32, x: &[T], widen: impl Fn(T) -> f32) {
     debug_assert_eq!(y.len(), x.len());
     for (o, &i) in y.iter_mut().zip(x) {
         *o += alpha * widen(i);
@@ -110,10 +111,10 @@ pub fn scale_by(y: &mut [f32], l: &[f32]) {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-/// Runs `f` with thread-local scratch buffer number `which` (0..3) of at least `len` elements
+/// Runs `f` with thread-local scratch buffer number `which` (0..4) of at least `len` elements
 /// (contents unspecified). Reusing buffers avoids page-faulting fresh multi-MB allocations on
 /// every call. Do not nest calls with the same `which`.
 pub fn with_scratch<R>(which: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {

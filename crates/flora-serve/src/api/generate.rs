@@ -115,13 +115,14 @@ pub fn check_lengths(state: &AppState, prompts: &[Vec<u32>], max_tokens: Option<
         return Err(ApiError::bad_field(field, format!("{field} must be at least 1")));
     }
     // Saturating: a max_tokens near usize::MAX must not wrap around the checks.
-    if longest.saturating_add(max_tokens) > context {
+    let need = longest.saturating_add(max_tokens);
+    if need > context {
         return Err(ApiError::bad_field(
             field,
             format!("the prompt ({longest} tokens) + {field} ({max_tokens}) exceeds the model's context of {context} tokens"),
         ));
     }
-    if longest.saturating_add(max_tokens) > state.max_kv_tokens {
+    if need > state.max_kv_tokens {
         return Err(ApiError::bad_field(
             field,
             format!("the prompt ({longest} tokens) + {field} ({max_tokens}) exceeds the server's KV-cache budget of {} tokens", state.max_kv_tokens),
