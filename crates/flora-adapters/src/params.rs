@@ -117,7 +117,8 @@ pub struct LayerAdapters {
     slots: Arc<[Option<SlotSpec>]>,
     /// Flat f32 `[total]`; may be a graph node over trainable variables.
     params: Tensor,
-    /// The same values as bf16 (same layout), for bf16 inference: see [`Self::with_bf16_tables`].
+    /// The same values as bf16 (same slot offsets; LoRA slots in the order their kernel reads
+    /// them), for bf16 inference: see [`Self::with_bf16_tables`].
     bf16: Option<Arc<[u16]>>,
 }
 
@@ -216,14 +217,20 @@ impl LayerAdapters {
     }
 
     /// For bf16 inference: the parameters rounded to bf16, kept both as f32 values and as a
-    /// bf16 copy (same layout) that the per-row LoRA loops of decode steps stream: half the
-    /// bytes, and at 32 distinct adapters a decode step reads more adapter bytes than base
+    /// bf16 copy (same slot offsets; a LoRA slot's values in the order its kernel reads them,
+    /// see [`crate::cpu::lora_bf16`]) that the per-row LoRA loops of decode steps stream: half
+    /// the bytes, and at 32 distinct adapters a decode step reads more adapter bytes than base
     /// weights. Every path computes with the same values, so a row's result does not depend on
     /// how its sequence was batched or chunked (up to f32 summation order).
     pub fn with_bf16_tables(&self) -> Result<Self> {
         let (halves, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
             let mut rounded = values.to_vec();
-            Ok((crate::cpu::bf16::round_in_place(&mut rounded), rounded))
+            let mut halves = crate::cpu::bf16::round_in_place(&mut rounded);
+            for spec in self.slots.iter().flatten() {
+                let len = spec.in_len(self.d_in) + spec.out_len(self.d_out);
+                arrange_halves(spec, &mut halves[spec.offset..spec.offset + len], self.d_in, self.d_out);
+            }
+            Ok((halves, rounded))
         })?;
         let params = Tensor::from_vec(rounded, self.params.elem_count(), self.params.device())?;
         Ok(Self { params, bf16: Some(halves.into()), ..self.clone() })
@@ -302,13 +309,25 @@ impl SlotParts {
         for part in &parts {
             values.extend(part.flatten_all()?.to_vec1::<f32>()?);
         }
-        let halves = bf16.then(|| Arc::from(crate::cpu::bf16::round_in_place(&mut values)));
+        let halves = bf16.then(|| {
+            let mut halves = crate::cpu::bf16::round_in_place(&mut values);
+            arrange_halves(&spec, &mut halves, d_in, d_out);
+            Arc::from(halves)
+        });
         Ok(Self { spec, d_in, d_out, values: values.into(), halves })
     }
 
     /// Bytes held (values and their bf16 copy).
     pub fn bytes(&self) -> usize {
         self.values.len() * 4 + self.halves.as_ref().map_or(0, |h| h.len() * 2)
+    }
+}
+
+/// Lays a slot's bf16 copy out for its kernel: LoRA slots in [`crate::cpu::lora_bf16`]'s
+/// order; the other kinds keep the table's own.
+fn arrange_halves(spec: &SlotSpec, halves: &mut [u16], d_in: usize, d_out: usize) {
+    if spec.kind == SlotKind::Lora {
+        crate::cpu::lora_bf16::arrange(halves, spec.rank, d_in, d_out);
     }
 }
 

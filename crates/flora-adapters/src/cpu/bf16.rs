@@ -236,26 +236,6 @@ pub fn round_slice(out: &mut [u16], x: &[f32]) {
     }
 }
 
-/// `sum_i bf16(a[i]) * x[i]` where `xw` holds x rounded to bf16 pairs (as [`round_rows`]
-/// writes them): an adapter table row against a projection input in bf16 inference, with
-/// `vdpbf16ps` where the CPU has it (two products per lane and instruction, no widening).
-pub fn dot_pairs(a: &[u16], xw: &[u32]) -> f32 {
-    let k = a.len();
-    assert!(xw.len() * 2 >= k, "bf16 dot_pairs: {} pairs for {k} values", xw.len());
-    #[allow(unused_mut)]
-    let (mut sum, mut done) = (0f32, 0);
-    #[cfg(target_arch = "x86_64")]
-    if has_native_bf16() {
-        // SAFETY: the CPU has AVX512-BF16; the kernel reads a[..done] and xw[..done / 2].
-        (sum, done) = unsafe { x86::dot_pairs(a, xw) };
-    }
-    for (i, &ai) in a.iter().enumerate().skip(done) {
-        let w = xw[i / 2];
-        sum += bf16_to_f32(ai) * bf16_to_f32(if i % 2 == 0 { w as u16 } else { (w >> 16) as u16 });
-    }
-    sum
-}
-
 /// Rounds `values` to bf16 in place (kept as f32) and returns the same values as bf16 bits:
 /// an adapter table for bf16 inference, where every path must read the same numbers.
 pub fn round_in_place(values: &mut [f32]) -> Vec<u16> {
@@ -304,6 +284,8 @@ pub struct GemmParts<'a> {
     decode: bool,
     claimed: Box<[std::sync::atomic::AtomicBool]>,
     next: std::sync::atomic::AtomicUsize,
+    /// Ranges computed so far.
+    finished: std::sync::atomic::AtomicUsize,
     _c: std::marker::PhantomData<&'a mut [f32]>,
 }
 
@@ -349,7 +331,7 @@ impl<'a> GemmParts<'a> {
             super::team::guided_ranges(panels, threads, 1)
         };
         let claimed = ranges.iter().map(|_| false.into()).collect();
-        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, decode, claimed, next: 0.into(), _c: std::marker::PhantomData }
+        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, decode, claimed, next: 0.into(), finished: 0.into(), _c: std::marker::PhantomData }
     }
 
     /// Column ranges in all.
@@ -376,7 +358,28 @@ impl<'a> GemmParts<'a> {
         // SAFETY: range i is claimed once (above) and covers its own columns of C, which
         // `new` borrowed mutably for 'a and checked against the shapes.
         unsafe { run_panels(self.c.0, self.ldc, a16, self.m, self.w, p0, p1) };
+        self.finished.fetch_add(1, std::sync::atomic::Ordering::Release);
         true
+    }
+
+    /// Adds `values [rows, n]` to rows `r0..r0 + rows` of C once every range has been computed,
+    /// waiting (spinning) for ranges other threads are still computing. Call it only after this
+    /// thread has stopped claiming ranges, and only where every range is sure to be claimed
+    /// (each thread of the loop claims until none is left), or it waits forever. Several
+    /// threads may add to disjoint rows at once.
+    pub fn add_to_rows_when_done(&self, r0: usize, values: &[f32]) {
+        let n = self.w.n;
+        let rows = if n == 0 { 0 } else { values.len() / n };
+        assert!(values.len() == rows * n && r0 + rows <= self.m, "bf16 gemm: {} values at row {r0} of {} rows of {n}", values.len(), self.m);
+        while self.finished.load(std::sync::atomic::Ordering::Acquire) < self.ranges.len() {
+            std::hint::spin_loop();
+        }
+        for (i, v) in values.chunks_exact(n.max(1)).enumerate() {
+            // SAFETY: every range has finished (above), so no thread writes C any more; rows
+            // are within the m rows `new` checked against C, and callers add disjoint rows.
+            let row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((r0 + i) * self.ldc), n) };
+            super::vecops::axpy(row, 1.0, v);
+        }
     }
 
     /// Claims the next unclaimed range in order and computes it; false when none was left.
@@ -517,30 +520,6 @@ mod x86 {
             _mm512_storeu_si512(out.as_mut_ptr().add(16 * ch) as *mut _, packed);
         }
         chunks * 32
-    }
-
-    /// [`super::dot_pairs`] over whole 32-value chunks; returns the sum and the values done.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn dot_pairs(a: &[u16], xw: &[u32]) -> (f32, usize) {
-        let chunks = a.len() / 32;
-        let (ap, xp) = (a.as_ptr(), xw.as_ptr());
-        let load_a = |c: usize| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(ap.add(32 * c) as *const _)) };
-        let load_x = |c: usize| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(xp.add(16 * c) as *const _)) };
-        // Four independent chains: one would wait on the instruction's latency.
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut c = 0;
-        while c + 4 <= chunks {
-            for (l, acc_l) in acc.iter_mut().enumerate() {
-                *acc_l = _mm512_dpbf16_ps(*acc_l, load_a(c + l), load_x(c + l));
-            }
-            c += 4;
-        }
-        while c < chunks {
-            acc[0] = _mm512_dpbf16_ps(acc[0], load_a(c), load_x(c));
-            c += 1;
-        }
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        (_mm512_reduce_add_ps(sum), chunks * 32)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -686,21 +665,6 @@ mod tests {
             let mut fast = vec![0u16; n];
             round_slice(&mut fast, &x);
             assert!(fast.iter().zip(&x).all(|(&h, &v)| h == f32_to_bf16(v)), "n = {n}");
-        }
-    }
-
-    #[test]
-    fn pair_dots_equal_the_widened_sum() {
-        for k in [0, 1, 2, 31, 32, 33, 64, 127, 128, 129, 576, 1537] {
-            let a: Vec<u16> = rand_vec(k, 11).iter().map(|&v| f32_to_bf16(v)).collect();
-            let x = rand_vec(k, 12);
-            let mut xw = vec![0u32; k.div_ceil(2)];
-            if k > 0 {
-                round_rows(&mut xw, &x, k, 1, k);
-            }
-            let want: f64 = a.iter().zip(&x).map(|(&h, &v)| bf16_to_f32(h) as f64 * bf16_to_f32(f32_to_bf16(v)) as f64).sum();
-            let got = dot_pairs(&a, &xw) as f64;
-            assert!((got - want).abs() <= 1e-5 * (1.0 + k as f64).sqrt(), "k = {k}: {got} vs {want}");
         }
     }
 

@@ -16,11 +16,14 @@
 
 use super::bf16::PackedBf16;
 use super::matmul::{matmul, MatRef};
-use super::vecops::{axpy, axpy_bf16, dot, mul_acc, mul_into, scale_by, with_scratch};
+use super::vecops::{axpy, dot, mul_acc, mul_into, scale_by, with_scratch};
 use crate::batch::Segment;
 use crate::params::SlotSpec;
 use crate::plan::{LayerPlan, SegmentExec};
 use rayon::prelude::*;
+
+/// Scratch buffer ([`with_scratch`]) of the LoRA terms in [`forward_pooled`].
+const LORA_TERMS: usize = 4;
 
 /// Rows at or below which LoRA shrink/expand runs as per-row dot/axpy loops instead of GEMM calls.
 const LORA_ROW_LOOP_MAX: usize = 4;
@@ -108,8 +111,9 @@ pub struct PooledAdapters<'a> {
 /// split in per-thread shares): each thread streams its share of every GEMM in turn, then
 /// takes LoRA segments. More rows: one thread starts on the LoRA terms (streaming adapter
 /// tables, memory-bound) while the others start on the GEMMs (arithmetic-bound), and each
-/// then helps with what is left of the other. LoRA terms go to their own buffers and are added
-/// at the end; the remaining epilogues (IA3 on the output) follow.
+/// then helps with what is left of the other. LoRA terms go to a buffer of their own; once out of
+/// work, every thread adds segments' terms to the outputs as soon as a segment's terms and its
+/// projection's GEMM are complete. The remaining epilogues (IA3 on the output) follow.
 pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<Vec<f32>> {
     assert_eq!(x.len(), n * di, "forward_pooled: x has {} values, expected {n}x{di}", x.len());
     // (projection, segment, slot) of every LoRA segment that runs beside the GEMMs.
@@ -131,9 +135,10 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
     if n > 0 {
         super::bf16::round_rows(&mut x16, x, di, n, di);
     }
-    // Each LoRA segment's terms `[len, d_out]`, in the order of `lora`.
-    let mut terms = vec![0f32; lora.iter().map(|&(pi, seg, _)| seg.len * projs[pi].packed.n()).sum()];
-    {
+    // Each LoRA segment's terms `[len, d_out]`, in the order of `lora` (reused scratch: fresh
+    // pages per call cost page faults).
+    let terms_len = lora.iter().map(|&(pi, seg, _)| seg.len * projs[pi].packed.n()).sum();
+    with_scratch(LORA_TERMS, terms_len, |terms| {
         let mut parts = Vec::with_capacity(lora.len());
         let mut rest = &mut terms[..];
         for &(pi, seg, _) in &lora {
@@ -141,18 +146,31 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
             parts.push(std::sync::Mutex::new(mine));
             rest = tail;
         }
-        let next_lora = std::sync::atomic::AtomicUsize::new(0);
+        // Segments whose terms are written: `lora_done[k]` once segment k's are.
+        let lora_done: Vec<std::sync::atomic::AtomicBool> = lora.iter().map(|_| false.into()).collect();
+        let (next_lora, next_add) = (std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0));
         let run_lora = || {
             let k = next_lora.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(&(pi, seg, spec)) = lora.get(k) else { return false };
             let (dout, p16) = (projs[pi].packed.n(), projs[pi].adapters.as_ref().expect("LoRA has tables").params16);
             let (a16, bt16) = spec.parts(p16, di, dout);
-            let mut out = parts[k].lock().expect("one writer per segment");
-            lora_rows_rounded(&mut out, &x16[seg.start * kp..(seg.start + seg.len) * kp], a16, bt16, spec, di, dout);
+            lora_rows_rounded(&mut parts[k].lock().expect("one writer per segment"), &x16[seg.start * kp..(seg.start + seg.len) * kp], a16, bt16, spec, di, dout);
+            lora_done[k].store(true, std::sync::atomic::Ordering::Release);
             true
         };
         let gemms: Vec<super::bf16::GemmParts> =
             ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::over_rounded(y, p.packed.n(), &x16, n, p.packed)).collect();
+        // Last, every thread adds segments' terms to their projection's output as soon as
+        // both are complete (every thread claims work until none is left first, so the waits
+        // end).
+        let add_terms = || loop {
+            let k = next_add.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(pi, seg, _)) = lora.get(k) else { return };
+            while !lora_done[k].load(std::sync::atomic::Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            gemms[pi].add_to_rows_when_done(seg.start, &parts[k].lock().expect("terms written"));
+        };
         let items = gemms.iter().map(|g| g.len()).sum::<usize>() + lora.len();
         let decode = gemms.iter().all(|g| g.is_decode());
         let run_gemms = || gemms.iter().for_each(|g| while g.run_next() {});
@@ -166,6 +184,10 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
                     g.run_one();
                 });
                 while run_lora() {}
+                if !lora.is_empty() {
+                    // Shares of a thread that has not come yet: the adds wait for every range.
+                    run_gemms();
+                }
             } else if w % 2 == 1 {
                 while run_lora() {}
                 run_gemms();
@@ -173,15 +195,9 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
                 run_gemms();
                 while run_lora() {}
             }
+            add_terms();
         });
-    }
-    let mut terms = &terms[..];
-    for &(pi, seg, _) in &lora {
-        let dout = projs[pi].packed.n();
-        let (mine, rest) = terms.split_at(seg.len * dout);
-        axpy(&mut ys[pi][seg.start * dout..(seg.start + seg.len) * dout], 1.0, mine);
-        terms = rest;
-    }
+    });
     for (y, p) in ys.iter_mut().zip(projs) {
         if let Some(a) = &p.adapters {
             epilogues(x, a.params, Some(a.params16), a.plan, y, true);
@@ -381,21 +397,12 @@ fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &
     axpy(ys, 1.0, &terms);
 }
 
-/// LoRA over bf16 tables for rows already rounded to bf16 pairs (`x16 [rows, ceil(d_in/2)]`):
-/// the shrink's dots run on `vdpbf16ps` ([`super::bf16::dot_pairs`]); the expansion adds one
-/// rank row at a time (all rank rows per column block at once, i.e. r streams, measured
-/// slower).
+/// `ys [rows, d_out] = scale * B^T (A x)` (written, not added) over a slot's bf16 tables (in
+/// the layout of [`super::lora_bf16`]) for rows already rounded to bf16 pairs
+/// (`x16 [rows, ceil(d_in/2)]`), as the base GEMM reads them.
 #[allow(clippy::too_many_arguments)]
 fn lora_rows_rounded(ys: &mut [f32], x16: &[u32], a16: &[u16], bt16: &[u16], spec: &SlotSpec, di: usize, dout: usize) {
-    let mut t = vec![0f32; spec.rank];
-    for (yr, xw) in ys.chunks_exact_mut(dout).zip(x16.chunks_exact(di.div_ceil(2))) {
-        for (j, tj) in t.iter_mut().enumerate() {
-            *tj = spec.scale * super::bf16::dot_pairs(&a16[j * di..(j + 1) * di], xw);
-        }
-        for (j, &tj) in t.iter().enumerate() {
-            axpy_bf16(yr, tj, &bt16[j * dout..(j + 1) * dout]);
-        }
-    }
+    super::lora_bf16::terms(ys, x16, a16, bt16, spec.rank, spec.scale, di, dout);
 }
 
 /// Short segments of [`lora_add`] with f32 tables: per row, `t = scale * A x` by dots, then

@@ -4,6 +4,7 @@
 pub mod backward;
 pub mod bf16;
 pub mod forward;
+pub mod lora_bf16;
 pub mod matmul;
 pub mod skinny;
 pub mod team;

@@ -62,12 +62,6 @@ pub fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
-/// `y += alpha * x` with `x` given as bf16 bits.
-#[inline]
-pub fn axpy_bf16(y: &mut [f32], alpha: f32, x: &[u16]) {
-    axpy_widened(y, alpha, x, super::bf16::bf16_to_f32)
-}
-
 /// `y += alpha * x`.
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
@@ -111,10 +105,10 @@ pub fn scale_by(y: &mut [f32], l: &[f32]) {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+    static SCRATCH: RefCell<[Vec<f32>; 5]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-/// Runs `f` with thread-local scratch buffer number `which` (0..4) of at least `len` elements
+/// Runs `f` with thread-local scratch buffer number `which` (0..5) of at least `len` elements
 /// (contents unspecified). Reusing buffers avoids page-faulting fresh multi-MB allocations on
 /// every call. Do not nest calls with the same `which`.
 pub fn with_scratch<R>(which: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
