@@ -72,6 +72,10 @@ struct Measured {
     setting: String,
     prefill_tok_s: f64,
     decode_tok_s: f64,
+    /// Decode rate over the base's at the same batch size: the median over rounds of the
+    /// base's step time over this setting's, both from the same round (steps back to back, so
+    /// the machine's drift between rounds cancels).
+    ratio_to_base: f64,
     /// Batch 1: the decode rate of each round over the bandwidth limit read just before it
     /// (median), and the median of those readings (GB/s).
     paired: Option<(f64, f64)>,
@@ -200,7 +204,11 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             drop(probe);
             let bytes = weight_bytes_per_token(model.config(), format);
             let bw_median = (!round_bw.is_empty()).then(|| median(&mut round_bw.clone()));
+            // The first setting is the base (see `settings`); its step of each round.
+            let base_steps = runs[0].2.clone();
             for (run, prefill_s, mut step_s) in runs {
+                let mut per_round: Vec<f64> = base_steps.iter().zip(&step_s).map(|(base, s)| base / s).collect();
+                let ratio_to_base = median(&mut per_round);
                 let paired = bw_median.map(|bw_median| {
                     let mut ratios: Vec<f64> = step_s.iter().zip(&round_bw).map(|(s, bw)| (1.0 / s) / (bw * 1e9 / bytes)).collect();
                     (median(&mut ratios), bw_median)
@@ -211,6 +219,7 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
                     setting: run.setting.label(),
                     prefill_tok_s: (b * prompt_len) as f64 / prefill_s,
                     decode_tok_s: b as f64 / median(&mut step_s),
+                    ratio_to_base,
                     paired,
                 });
                 progress.inc(1);
@@ -223,7 +232,7 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
     let md = report(&rows, &ReportContext { path: &path, quick, prompt_len, decode_steps, bandwidth, cfg: model.config(), peak, rss_loaded });
     let mut csv = String::from("format,batch,setting,prefill_tok_s,decode_tok_s,decode_ratio_to_base\n");
     for r in &rows {
-        let _ = writeln!(csv, "{},{},{},{:.1},{:.1},{:.3}", r.format, r.batch, r.setting, r.prefill_tok_s, r.decode_tok_s, r.decode_tok_s / base_decode(&rows, r));
+        let _ = writeln!(csv, "{},{},{},{:.1},{:.1},{:.3}", r.format, r.batch, r.setting, r.prefill_tok_s, r.decode_tok_s, r.ratio_to_base);
     }
     let tmp = out.join("model.csv.tmp");
     std::fs::write(&tmp, csv)?;
@@ -231,12 +240,6 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
     std::fs::write(out.join("model.md"), &md)?;
     println!("{md}");
     Ok(())
-}
-
-fn base_decode(rows: &[Measured], r: &Measured) -> f64 {
-    rows.iter()
-        .find(|x| x.format == r.format && x.batch == r.batch && x.setting == "base")
-        .map_or(f64::NAN, |x| x.decode_tok_s)
 }
 
 struct ReportContext<'a> {
@@ -271,7 +274,7 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
         rayon::current_num_threads(),
         cx.bandwidth
     );
-    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each, so machine drift reaches all alike. At batch 1 every round starts with a bandwidth reading (the same threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it (median over the rounds). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
+    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each, so machine drift reaches all alike. Decode vs base = the median over rounds of the base's step time over the setting's in the same round. At batch 1 every round starts with a bandwidth reading (the same threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it (median over the rounds). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
     let formats: Vec<WeightFormat> = rows.iter().fold(Vec::new(), |mut v, r| {
         if !v.contains(&r.format) {
             v.push(r.format);
@@ -293,7 +296,7 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
                 r.setting,
                 r.prefill_tok_s,
                 r.decode_tok_s,
-                r.decode_tok_s / base_decode(rows, r)
+                r.ratio_to_base
             );
         }
     }
@@ -359,8 +362,8 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
         } else {
             8
         };
-        if let (Some(l), Some(base)) = (find(f, b, "lora-r8"), find(f, b, "base")) {
-            let ratio = l.decode_tok_s / base.decode_tok_s;
+        if let Some(l) = find(f, b, "lora-r8") {
+            let ratio = l.ratio_to_base;
             line(
                 format!("{b} distinct LoRA r=8 decode vs base"),
                 f,
