@@ -286,6 +286,8 @@ pub struct GemmParts<'a> {
     next: std::sync::atomic::AtomicUsize,
     /// Ranges computed so far.
     finished: std::sync::atomic::AtomicUsize,
+    /// Set when a range panicked: waits for `finished` give up.
+    failed: std::sync::atomic::AtomicBool,
     _c: std::marker::PhantomData<&'a mut [f32]>,
 }
 
@@ -331,7 +333,7 @@ impl<'a> GemmParts<'a> {
             super::team::guided_ranges(panels, threads, 1)
         };
         let claimed = ranges.iter().map(|_| false.into()).collect();
-        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, decode, claimed, next: 0.into(), finished: 0.into(), _c: std::marker::PhantomData }
+        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, decode, claimed, next: 0.into(), finished: 0.into(), failed: false.into(), _c: std::marker::PhantomData }
     }
 
     /// Column ranges in all.
@@ -355,6 +357,7 @@ impl<'a> GemmParts<'a> {
             return false;
         }
         let a16 = &self.a16[..self.m * self.w.kp];
+        let _flag = super::team::FlagOnUnwind(&self.failed);
         // SAFETY: range i is claimed once (above) and covers its own columns of C, which
         // `new` borrowed mutably for 'a and checked against the shapes.
         unsafe { run_panels(self.c.0, self.ldc, a16, self.m, self.w, p0, p1) };
@@ -363,20 +366,23 @@ impl<'a> GemmParts<'a> {
     }
 
     /// Adds `values [rows, n]` to rows `r0..r0 + rows` of C once every range has been computed,
-    /// waiting (spinning) for ranges other threads are still computing. Call it only after this
-    /// thread has stopped claiming ranges, and only where every range is sure to be claimed
-    /// (each thread of the loop claims until none is left), or it waits forever. Several
-    /// threads may add to disjoint rows at once.
-    pub fn add_to_rows_when_done(&self, r0: usize, values: &[f32]) {
+    /// waiting (spinning) for ranges other threads are still computing; panics if one of them
+    /// panicked. Call it only after this thread has stopped claiming ranges, and only where
+    /// every range is sure to be claimed (each thread of the loop claims until none is left),
+    /// or it waits forever.
+    ///
+    /// # Safety
+    /// Threads adding at the same time must add to disjoint rows.
+    pub unsafe fn add_to_rows_when_done(&self, r0: usize, values: &[f32]) {
         let n = self.w.n;
-        let rows = if n == 0 { 0 } else { values.len() / n };
+        let rows = values.len().checked_div(n).unwrap_or(0);
         assert!(values.len() == rows * n && r0 + rows <= self.m, "bf16 gemm: {} values at row {r0} of {} rows of {n}", values.len(), self.m);
-        while self.finished.load(std::sync::atomic::Ordering::Acquire) < self.ranges.len() {
-            std::hint::spin_loop();
-        }
+        let done = || self.finished.load(std::sync::atomic::Ordering::Acquire) >= self.ranges.len();
+        super::team::spin_until(done, &self.failed, "bf16 gemm");
         for (i, v) in values.chunks_exact(n.max(1)).enumerate() {
-            // SAFETY: every range has finished (above), so no thread writes C any more; rows
-            // are within the m rows `new` checked against C, and callers add disjoint rows.
+            // SAFETY: every range has finished (above), so no range writes C any more; rows
+            // are within the m rows `new` checked against C, and concurrent callers add
+            // disjoint rows (the caller's promise).
             let row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((r0 + i) * self.ldc), n) };
             super::vecops::axpy(row, 1.0, v);
         }

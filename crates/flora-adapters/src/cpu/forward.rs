@@ -109,11 +109,12 @@ pub struct PooledAdapters<'a> {
 /// terms (`scale * B^T (A x)` from the bf16 tables: independent of the base output) form
 /// one pool of work, and the threads meet once for all the projections. Decode rows (GEMMs
 /// split in per-thread shares): each thread streams its share of every GEMM in turn, then
-/// takes LoRA segments. More rows: one thread starts on the LoRA terms (streaming adapter
-/// tables, memory-bound) while the others start on the GEMMs (arithmetic-bound), and each
-/// then helps with what is left of the other. LoRA terms go to a buffer of their own; once out of
-/// work, every thread adds segments' terms to the outputs as soon as a segment's terms and its
-/// projection's GEMM are complete. The remaining epilogues (IA3 on the output) follow.
+/// takes LoRA segments, then any share no thread has claimed yet. More rows: odd-numbered
+/// workers start on the LoRA terms (streaming adapter tables, memory-bound) while the others
+/// start on the GEMMs (arithmetic-bound), and each then helps with what is left of the other.
+/// LoRA terms go to a buffer of their own; once out of work, every thread adds segments' terms
+/// to the outputs as soon as a segment's terms and its projection's GEMM are complete. The
+/// remaining epilogues (IA3 on the output) follow.
 pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<Vec<f32>> {
     assert_eq!(x.len(), n * di, "forward_pooled: x has {} values, expected {n}x{di}", x.len());
     // (projection, segment, slot) of every LoRA segment that runs beside the GEMMs.
@@ -146,12 +147,15 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
             parts.push(std::sync::Mutex::new(mine));
             rest = tail;
         }
-        // Segments whose terms are written: `lora_done[k]` once segment k's are.
+        // Segments whose terms are written: `lora_done[k]` once segment k's are; `lora_failed`
+        // if one panicked (the adds then give up instead of waiting forever).
         let lora_done: Vec<std::sync::atomic::AtomicBool> = lora.iter().map(|_| false.into()).collect();
+        let lora_failed = std::sync::atomic::AtomicBool::new(false);
         let (next_lora, next_add) = (std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0));
         let run_lora = || {
             let k = next_lora.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(&(pi, seg, spec)) = lora.get(k) else { return false };
+            let _flag = super::team::FlagOnUnwind(&lora_failed);
             let (dout, p16) = (projs[pi].packed.n(), projs[pi].adapters.as_ref().expect("LoRA has tables").params16);
             let (a16, bt16) = spec.parts(p16, di, dout);
             lora_rows_rounded(&mut parts[k].lock().expect("one writer per segment"), &x16[seg.start * kp..(seg.start + seg.len) * kp], a16, bt16, spec, di, dout);
@@ -166,10 +170,9 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         let add_terms = || loop {
             let k = next_add.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(&(pi, seg, _)) = lora.get(k) else { return };
-            while !lora_done[k].load(std::sync::atomic::Ordering::Acquire) {
-                std::hint::spin_loop();
-            }
-            gemms[pi].add_to_rows_when_done(seg.start, &parts[k].lock().expect("terms written"));
+            super::team::spin_until(|| lora_done[k].load(std::sync::atomic::Ordering::Acquire), &lora_failed, "LoRA terms");
+            // SAFETY: segments cover disjoint rows, and each is added once (claimed above).
+            unsafe { gemms[pi].add_to_rows_when_done(seg.start, &parts[k].lock().expect("terms written")) };
         };
         let items = gemms.iter().map(|g| g.len()).sum::<usize>() + lora.len();
         let decode = gemms.iter().all(|g| g.is_decode());

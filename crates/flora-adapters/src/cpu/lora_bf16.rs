@@ -19,7 +19,9 @@
 //! a portable loop over the same layout elsewhere. [`reference`] is the obvious version in f64
 //! over the plain layout, for tests.
 
-use super::bf16::{bf16_to_f32, has_native_bf16};
+use super::bf16::bf16_to_f32;
+#[cfg(target_arch = "x86_64")]
+use super::bf16::has_native_bf16;
 
 /// Rank rows whose shrink runs together.
 pub const GROUP: usize = 8;
@@ -250,10 +252,18 @@ mod tests {
             let mut ys = vec![f32::NAN; rows * d_out];
             let (a16, bt16) = slot.split_at(r * d_in);
             terms(&mut ys, &x16, a16, bt16, r, scale, d_in, d_out);
+            // The portable loop too, on any CPU.
+            let mut portable = vec![f32::NAN; rows * d_out];
+            let mut t = vec![0f32; r];
+            for (y, xw) in portable.chunks_exact_mut(d_out).zip(x16.chunks_exact(kp)) {
+                portable_row(y, &mut t, xw, a16, bt16, scale, d_in, d_out);
+            }
             let want = reference(&x, &a, &bt, r, scale, d_in, d_out);
             let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (c, (g, w)) in ys.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 1e-5 * peak.max(1e-3) * (d_in as f32).sqrt(), "rows {rows} rank {r} {d_in}->{d_out}: output {c}: {g} against {w}");
+            for (path, got) in [("kernel", &ys), ("portable", &portable)] {
+                for (c, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= 1e-5 * peak.max(1e-3) * (d_in as f32).sqrt(), "{path}: rows {rows} rank {r} {d_in}->{d_out}: output {c}: {g} against {w}");
+                }
             }
         }
     }

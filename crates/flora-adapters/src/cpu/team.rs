@@ -152,6 +152,29 @@ pub fn guided_ranges(items: usize, threads: usize, min: usize) -> Vec<(usize, us
     ranges
 }
 
+/// Sets its flag if dropped while the thread unwinds: work items that other threads of a loop
+/// wait on (spinning) hold one, and the waits give up once it is set, so a panic in one item
+/// reaches the caller instead of leaving the loop spinning forever.
+pub struct FlagOnUnwind<'a>(pub &'a AtomicBool);
+
+impl Drop for FlagOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, SeqCst);
+        }
+    }
+}
+
+/// Spins until `ready()`; panics if `failed` is set first (the work waited on panicked).
+pub fn spin_until(ready: impl Fn() -> bool, failed: &AtomicBool, what: &str) {
+    while !ready() {
+        if failed.load(SeqCst) {
+            panic!("{what}: the work waited on panicked on another thread");
+        }
+        std::hint::spin_loop();
+    }
+}
+
 impl Team {
     /// Spawns helpers until `want` are running or queued.
     fn top_up(team: &Arc<Team>) {
@@ -240,6 +263,28 @@ impl Drop for Stop<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loop whose iteration 1 waits on the work of iteration 0, which panics: the loop
+    /// must return the panic to the caller instead of spinning forever (in a team and on
+    /// rayon's pool alike).
+    #[test]
+    fn a_wait_on_work_that_panicked_fails_instead_of_spinning() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for in_team in [true, false] {
+            let (failed, done) = (AtomicBool::new(false), AtomicBool::new(false));
+            let body = |i: usize| {
+                if i == 0 {
+                    let _flag = FlagOnUnwind(&failed);
+                    panic!("the work item fails");
+                }
+                spin_until(|| done.load(SeqCst), &failed, "test wait");
+            };
+            let run = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| par_for(2, body)));
+            let result = pool.install(|| if in_team { with_team(run) } else { run() });
+            assert!(result.is_err(), "in_team {in_team}: the panic reaches the caller");
+            assert!(failed.load(SeqCst));
+        }
+    }
 
     #[test]
     fn guided_ranges_cover_everything_in_shrinking_ranges() {

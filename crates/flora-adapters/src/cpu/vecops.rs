@@ -110,7 +110,7 @@ thread_local! {
 
 /// Runs `f` with thread-local scratch buffer number `which` (0..5) of at least `len` elements
 /// (contents unspecified). Reusing buffers avoids page-faulting fresh multi-MB allocations on
-/// every call. Do not nest calls with the same `which`.
+/// every call. A nested call with the same `which` (the buffer is out) gets a fresh one.
 pub fn with_scratch<R>(which: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buf = SCRATCH.with(|s| std::mem::take(&mut s.borrow_mut()[which]));
     if buf.len() < len {
