@@ -191,11 +191,15 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             // against the machine's state at that moment (its readings drift by 2x).
             let probe = (b == 1).then(|| BandwidthProbe::new(ROUND_PROBE_BYTES));
             let mut round_bw = Vec::with_capacity(decode_steps);
-            for _ in 0..decode_steps {
+            for round in 0..decode_steps {
                 if let Some(p) = &probe {
                     round_bw.push(p.read(2));
                 }
-                for (run, _, step_s) in runs.iter_mut() {
+                // Each round starts one setting further on, so that no setting always follows
+                // the same one (a step after fLoRA r=4's traffic finds colder caches).
+                let n = runs.len();
+                for j in 0..n {
+                    let (run, _, step_s) = &mut runs[(round + j) % n];
                     let t = Instant::now();
                     run.step(&model)?;
                     step_s.push(t.elapsed().as_secs_f64());
@@ -274,7 +278,7 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
         rayon::current_num_threads(),
         cx.bandwidth
     );
-    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each, so machine drift reaches all alike. Decode vs base = the median over rounds of the base's step time over the setting's in the same round. At batch 1 every round starts with a bandwidth reading (the same threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it (median over the rounds). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
+    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each (each round starting one setting further on), so machine drift reaches all alike. Decode vs base = the median over rounds of the base's step time over the setting's in the same round. At batch 1 every round starts with a bandwidth reading (the same threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it (median over the rounds). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
     let formats: Vec<WeightFormat> = rows.iter().fold(Vec::new(), |mut v, r| {
         if !v.contains(&r.format) {
             v.push(r.format);
