@@ -121,19 +121,17 @@ fn attend_row_split<E: KvElem>(o: &mut [f32], q: &[f32], kc: &[E], vc: &[E], sha
     } else {
         blocks.enumerate().for_each(|(i, (po, ps))| run(i, po, ps));
     }
-    let mut merged = vec![Softmax::EMPTY; n_heads];
-    for (h, state) in merged.iter_mut().enumerate() {
+    for (h, oh) in o.chunks_exact_mut(shape.hd).enumerate() {
         let max = states.chunks_exact(n_heads).fold(f32::NEG_INFINITY, |m, s| m.max(s[h].max));
-        let oh = &mut o[h * shape.hd..(h + 1) * shape.hd];
+        let mut merged = Softmax { max, sum: 0.0 };
         oh.fill(0.0);
-        *state = Softmax { max, sum: 0.0 };
         for (po, ps) in outs.chunks_exact(qd).zip(states.chunks_exact(n_heads)) {
             let w = (ps[h].max - max).exp();
-            state.sum += ps[h].sum * w;
+            merged.sum += ps[h].sum * w;
             axpy(oh, w, &po[h * shape.hd..(h + 1) * shape.hd]);
         }
+        normalize(oh, &[merged], shape.hd);
     }
-    normalize(o, &merged, shape.hd);
 }
 
 /// Divides each head's unnormalized output by its softmax sum.

@@ -365,11 +365,9 @@ impl<'a> GemmParts<'a> {
         true
     }
 
-    /// Adds `values [rows, n]` to rows `r0..r0 + rows` of C once every range has been computed,
-    /// waiting (spinning) for ranges other threads are still computing; panics if one of them
-    /// panicked. Call it only after this thread has stopped claiming ranges, and only where
-    /// every range is sure to be claimed (each thread of the loop claims until none is left),
-    /// or it waits forever.
+    /// Adds `values [rows, n]` to rows `r0..r0 + rows` of C once every range has been computed:
+    /// computes the ranges no thread has claimed yet, then waits (spinning) for those other
+    /// threads are still computing; panics if one of them panicked.
     ///
     /// # Safety
     /// Threads adding at the same time must add to disjoint rows.
@@ -377,6 +375,7 @@ impl<'a> GemmParts<'a> {
         let n = self.w.n;
         let rows = values.len().checked_div(n).unwrap_or(0);
         assert!(values.len() == rows * n && r0 + rows <= self.m, "bf16 gemm: {} values at row {r0} of {} rows of {n}", values.len(), self.m);
+        while self.run_next() {}
         let done = || self.finished.load(std::sync::atomic::Ordering::Acquire) >= self.ranges.len();
         super::team::spin_until(done, &self.failed, "bf16 gemm");
         for (i, v) in values.chunks_exact(n.max(1)).enumerate() {
@@ -613,19 +612,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::cpu::rand_vec;
 
     #[test]
     fn rounding_is_nearest_even() {

@@ -109,7 +109,7 @@ pub struct PooledAdapters<'a> {
 /// terms (`scale * B^T (A x)` from the bf16 tables: independent of the base output) form
 /// one pool of work, and the threads meet once for all the projections. Decode rows (GEMMs
 /// split in per-thread shares): each thread streams its share of every GEMM in turn, then
-/// takes LoRA segments, then any share no thread has claimed yet. More rows: odd-numbered
+/// takes LoRA segments. More rows: odd-numbered
 /// workers start on the LoRA terms (streaming adapter tables, memory-bound) while the others
 /// start on the GEMMs (arithmetic-bound), and each then helps with what is left of the other.
 /// LoRA terms go to a buffer of their own; once out of work, every thread adds segments' terms
@@ -158,15 +158,16 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
             let _flag = super::team::FlagOnUnwind(&lora_failed);
             let (dout, p16) = (projs[pi].packed.n(), projs[pi].adapters.as_ref().expect("LoRA has tables").params16);
             let (a16, bt16) = spec.parts(p16, di, dout);
-            lora_rows_rounded(&mut parts[k].lock().expect("one writer per segment"), &x16[seg.start * kp..(seg.start + seg.len) * kp], a16, bt16, spec, di, dout);
+            let x16 = &x16[seg.start * kp..(seg.start + seg.len) * kp];
+            super::lora_bf16::terms(&mut parts[k].lock().expect("one writer per segment"), x16, a16, bt16, spec.rank, spec.scale, di, dout);
             lora_done[k].store(true, std::sync::atomic::Ordering::Release);
             true
         };
         let gemms: Vec<super::bf16::GemmParts> =
             ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::over_rounded(y, p.packed.n(), &x16, n, p.packed)).collect();
         // Last, every thread adds segments' terms to their projection's output as soon as
-        // both are complete (every thread claims work until none is left first, so the waits
-        // end).
+        // both are complete (every thread claims segments until none is left before it gets
+        // here, and the add computes any GEMM range still unclaimed, so the waits end).
         let add_terms = || loop {
             let k = next_add.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(&(pi, seg, _)) = lora.get(k) else { return };
@@ -187,10 +188,6 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
                     g.run_one();
                 });
                 while run_lora() {}
-                if !lora.is_empty() {
-                    // Shares of a thread that has not come yet: the adds wait for every range.
-                    run_gemms();
-                }
             } else if w % 2 == 1 {
                 while run_lora() {}
                 run_gemms();
@@ -384,8 +381,8 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
 }
 
 /// [`lora_rows`] over bf16 tables (bf16 inference): the rows are rounded to bf16 like the
-/// base GEMM's input (see [`lora_rows_rounded`]). The terms are summed on their own and then
-/// added to the base output, as [`forward_pooled`] does: a LoRA row gets the same bits
+/// base GEMM's input, and the terms ([`super::lora_bf16::terms`]) are summed on their own
+/// and then added to the base output, as [`forward_pooled`] does: a LoRA row gets the same bits
 /// whichever path its step takes (the pooled one when every row enters the GEMM unchanged,
 /// this one beside fLoRA or input-side IA3 rows).
 #[allow(clippy::too_many_arguments)]
@@ -395,17 +392,10 @@ fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &
     if rows > 0 {
         super::bf16::round_rows(&mut x16, xs, di, rows, di);
     }
-    let mut terms = vec![0f32; rows * dout];
-    lora_rows_rounded(&mut terms, &x16, a16, bt16, spec, di, dout);
-    axpy(ys, 1.0, &terms);
-}
-
-/// `ys [rows, d_out] = scale * B^T (A x)` (written, not added) over a slot's bf16 tables (in
-/// the layout of [`super::lora_bf16`]) for rows already rounded to bf16 pairs
-/// (`x16 [rows, ceil(d_in/2)]`), as the base GEMM reads them.
-#[allow(clippy::too_many_arguments)]
-fn lora_rows_rounded(ys: &mut [f32], x16: &[u32], a16: &[u16], bt16: &[u16], spec: &SlotSpec, di: usize, dout: usize) {
-    super::lora_bf16::terms(ys, x16, a16, bt16, spec.rank, spec.scale, di, dout);
+    with_scratch(LORA_TERMS, rows * dout, |terms| {
+        super::lora_bf16::terms(terms, &x16, a16, bt16, spec.rank, spec.scale, di, dout);
+        axpy(ys, 1.0, terms);
+    });
 }
 
 /// Short segments of [`lora_add`] with f32 tables: per row, `t = scale * A x` by dots, then

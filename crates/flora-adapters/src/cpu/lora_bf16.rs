@@ -16,7 +16,7 @@
 //!
 //! AVX512-BF16 kernel where the CPU has it (`vdpbf16ps` for the shrink, up to 8 rank rows at
 //! once sharing each load of x; four 16-lane FMA chains per output block for the expansion);
-//! a portable loop over the same layout elsewhere. [`reference`] is the obvious version in f64
+//! a portable loop over the same layout elsewhere. `reference` (tests) is the obvious version in f64
 //! over the plain layout, for tests.
 
 use super::bf16::bf16_to_f32;
@@ -24,14 +24,14 @@ use super::bf16::bf16_to_f32;
 use super::bf16::has_native_bf16;
 
 /// Rank rows whose shrink runs together.
-pub const GROUP: usize = 8;
+const GROUP: usize = 8;
 /// Inputs per shrink chunk: one 512-bit load of bf16 values.
-pub const CHUNK: usize = 32;
+const CHUNK: usize = 32;
 /// Outputs per expansion block: four 16-lane accumulators.
-pub const BLOCK: usize = 64;
+const BLOCK: usize = 64;
 
 /// Position in the arranged in part of A's value `(j, i)` (rank row j, input i).
-pub fn a_index(j: usize, i: usize, r: usize, d_in: usize) -> usize {
+fn a_index(j: usize, i: usize, r: usize, d_in: usize) -> usize {
     let (q, jj) = (j / GROUP, j % GROUP);
     let g = GROUP.min(r - q * GROUP);
     let full = d_in / CHUNK * CHUNK;
@@ -44,7 +44,7 @@ pub fn a_index(j: usize, i: usize, r: usize, d_in: usize) -> usize {
 }
 
 /// Position in the arranged out part of B^T's value `(j, c)` (rank row j, output c).
-pub fn b_index(j: usize, c: usize, r: usize, d_out: usize) -> usize {
+fn b_index(j: usize, c: usize, r: usize, d_out: usize) -> usize {
     let full = d_out / BLOCK * BLOCK;
     if c < full {
         (c / BLOCK) * r * BLOCK + j * BLOCK + c % BLOCK
@@ -85,36 +85,51 @@ pub fn terms(ys: &mut [f32], x16: &[u32], a16: &[u16], bt16: &[u16], r: usize, s
         large.resize(r, 0.0);
         &mut large
     };
-    for (y, xw) in ys.chunks_exact_mut(d_out).zip(x16.chunks_exact(kp)) {
-        #[cfg(target_arch = "x86_64")]
-        if has_native_bf16() {
+    let rows = ys.chunks_exact_mut(d_out).zip(x16.chunks_exact(kp));
+    #[cfg(target_arch = "x86_64")]
+    if has_native_bf16() {
+        for (y, xw) in rows {
             // SAFETY: the CPU has AVX512-BF16; the shapes were checked above.
             unsafe {
                 x86::shrink(t, xw, a16, d_in);
-                x86::expand(y, t, bt16, scale, d_out);
+                t.iter_mut().for_each(|tj| *tj *= scale);
+                x86::expand(y, t, bt16, d_out);
             }
-            continue;
         }
+        return;
+    }
+    for (y, xw) in rows {
         portable_row(y, t, xw, a16, bt16, scale, d_in, d_out);
     }
+}
+
+/// Value `i` of a row given as bf16 pairs.
+fn pair_value(xw: &[u32], i: usize) -> f32 {
+    let w = xw[i / 2];
+    bf16_to_f32(if i % 2 == 0 { w as u16 } else { (w >> 16) as u16 })
+}
+
+/// Output `c` of the expansion, one rank row at a time: `sum_j t_j B^T[j, c]` (t scaled).
+fn expand_one(t: &[f32], bt16: &[u16], c: usize, d_out: usize) -> f32 {
+    t.iter().enumerate().fold(0f32, |acc, (j, &tj)| tj.mul_add(bf16_to_f32(bt16[b_index(j, c, t.len(), d_out)]), acc))
 }
 
 /// One row of [`terms`], one value at a time over the arranged layout.
 #[allow(clippy::too_many_arguments)]
 fn portable_row(y: &mut [f32], t: &mut [f32], xw: &[u32], a16: &[u16], bt16: &[u16], scale: f32, d_in: usize, d_out: usize) {
     let r = t.len();
-    let x = |i: usize| bf16_to_f32(if i % 2 == 0 { xw[i / 2] as u16 } else { (xw[i / 2] >> 16) as u16 });
     for (j, tj) in t.iter_mut().enumerate() {
-        *tj = (0..d_in).map(|i| bf16_to_f32(a16[a_index(j, i, r, d_in)]) * x(i)).sum::<f32>();
+        *tj = scale * (0..d_in).map(|i| bf16_to_f32(a16[a_index(j, i, r, d_in)]) * pair_value(xw, i)).sum::<f32>();
     }
     for (c, yc) in y.iter_mut().enumerate() {
-        *yc = t.iter().enumerate().fold(0f32, |acc, (j, &tj)| (scale * tj).mul_add(bf16_to_f32(bt16[b_index(j, c, r, d_out)]), acc));
+        *yc = expand_one(t, bt16, c, d_out);
     }
 }
 
 /// The obvious version in f64 over the plain layout (A `[r, d_in]`, B^T `[r, d_out]` as f32
 /// values, `x [rows, d_in]`): `ys = scale * B^T (A x)`.
-pub fn reference(x: &[f32], a: &[f32], bt: &[f32], r: usize, scale: f32, d_in: usize, d_out: usize) -> Vec<f32> {
+#[cfg(test)]
+fn reference(x: &[f32], a: &[f32], bt: &[f32], r: usize, scale: f32, d_in: usize, d_out: usize) -> Vec<f32> {
     let mut ys = Vec::with_capacity(x.len() / d_in * d_out);
     for xr in x.chunks_exact(d_in) {
         let t: Vec<f64> = (0..r).map(|j| (0..d_in).map(|i| a[j * d_in + i] as f64 * xr[i] as f64).sum::<f64>() * scale as f64).collect();
@@ -125,7 +140,7 @@ pub fn reference(x: &[f32], a: &[f32], bt: &[f32], r: usize, scale: f32, d_in: u
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{a_index, b_index, bf16_to_f32, BLOCK, CHUNK, GROUP};
+    use super::{a_index, bf16_to_f32, expand_one, pair_value, BLOCK, CHUNK, GROUP};
     use std::arch::x86_64::*;
 
     /// `t = A x` (unscaled) for one row: rank rows in groups of up to 8, each group one pass
@@ -151,9 +166,7 @@ mod x86 {
         let full = d_in / CHUNK * CHUNK;
         for (j, tj) in t.iter_mut().enumerate() {
             for i in full..d_in {
-                let w = xw[i / 2];
-                let xi = bf16_to_f32(if i % 2 == 0 { w as u16 } else { (w >> 16) as u16 });
-                *tj += bf16_to_f32(a16[a_index(j, i, r, d_in)]) * xi;
+                *tj += bf16_to_f32(a16[a_index(j, i, r, d_in)]) * pair_value(xw, i);
             }
         }
     }
@@ -175,10 +188,10 @@ mod x86 {
         }
     }
 
-    /// `y = scale * B^T t`: per block of 64 outputs, one FMA chain per 16 lanes over the rank
-    /// rows in order, B^T's block read as one run.
+    /// `y = B^T t` (t scaled): per block of 64 outputs, one FMA chain per 16 lanes over the
+    /// rank rows in order, B^T's block read as one run.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn expand(y: &mut [f32], t: &[f32], bt16: &[u16], scale: f32, d_out: usize) {
+    pub unsafe fn expand(y: &mut [f32], t: &[f32], bt16: &[u16], d_out: usize) {
         let r = t.len();
         let (bp, yp) = (bt16.as_ptr(), y.as_mut_ptr());
         let widen = |p: *const u16| -> __m512 { _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const _)), 16)) };
@@ -187,7 +200,7 @@ mod x86 {
             let block = bp.add(c * r);
             let mut acc = [_mm512_setzero_ps(); 4];
             for (j, &tj) in t.iter().enumerate() {
-                let tj = _mm512_set1_ps(scale * tj);
+                let tj = _mm512_set1_ps(tj);
                 for (l, acc_l) in acc.iter_mut().enumerate() {
                     *acc_l = _mm512_fmadd_ps(tj, widen(block.add(j * BLOCK + 16 * l)), *acc_l);
                 }
@@ -197,7 +210,7 @@ mod x86 {
             }
         }
         for (c, yc) in y.iter_mut().enumerate().skip(full) {
-            *yc = t.iter().enumerate().fold(0f32, |acc, (j, &tj)| (scale * tj).mul_add(bf16_to_f32(bt16[b_index(j, c, r, d_out)]), acc));
+            *yc = expand_one(t, bt16, c, d_out);
         }
     }
 }
@@ -206,36 +219,19 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::cpu::bf16::{f32_to_bf16, round_rows};
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::cpu::rand_vec as values;
 
     #[test]
     fn the_layout_places_every_value_once() {
         for (r, d_in, d_out) in [(1, 32, 64), (8, 576, 192), (9, 70, 130), (17, 31, 63), (3, 1, 1)] {
-            let mut seen = vec![false; r * d_in];
-            for j in 0..r {
-                for i in 0..d_in {
-                    let at = a_index(j, i, r, d_in);
-                    assert!(!seen[at], "A ({j}, {i}) of rank {r} over {d_in} lands on a used place");
-                    seen[at] = true;
-                }
-            }
-            let mut seen = vec![false; r * d_out];
-            for j in 0..r {
-                for c in 0..d_out {
-                    let at = b_index(j, c, r, d_out);
-                    assert!(!seen[at], "B ({j}, {c}) of rank {r} over {d_out} lands on a used place");
-                    seen[at] = true;
+            for (part, d, index) in [("A", d_in, a_index as fn(usize, usize, usize, usize) -> usize), ("B", d_out, b_index)] {
+                let mut seen = vec![false; r * d];
+                for j in 0..r {
+                    for i in 0..d {
+                        let at = index(j, i, r, d);
+                        assert!(!seen[at], "{part} ({j}, {i}) of rank {r} over {d} lands on a used place");
+                        seen[at] = true;
+                    }
                 }
             }
         }

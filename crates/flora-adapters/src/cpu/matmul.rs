@@ -143,15 +143,7 @@ pub fn matmul_slow(c: &mut [f32], ldc: usize, a: MatRef, b: MatRef, alpha: f32, 
 mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::cpu::rand_vec;
 
     #[test]
     fn decode_rows_split_over_k_match_slow_in_pools_of_1_to_4() {

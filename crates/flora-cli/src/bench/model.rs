@@ -191,13 +191,13 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             // against the machine's state at that moment (its readings drift by 2x).
             let probe = (b == 1).then(|| BandwidthProbe::new(ROUND_PROBE_BYTES));
             let mut round_bw = Vec::with_capacity(decode_steps);
+            let n = runs.len();
             for round in 0..decode_steps {
                 if let Some(p) = &probe {
                     round_bw.push(p.read(2));
                 }
                 // Each round starts one setting further on, so that no setting always follows
                 // the same one (a step after fLoRA r=4's traffic finds colder caches).
-                let n = runs.len();
                 for j in 0..n {
                     let (run, _, step_s) = &mut runs[(round + j) % n];
                     let t = Instant::now();
@@ -209,6 +209,7 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             let bytes = weight_bytes_per_token(model.config(), format);
             let bw_median = (!round_bw.is_empty()).then(|| median(&mut round_bw.clone()));
             // The first setting is the base (see `settings`); its step of each round.
+            debug_assert_eq!(runs[0].0.setting.label(), "base");
             let base_steps = runs[0].2.clone();
             for (run, prefill_s, mut step_s) in runs {
                 let mut per_round: Vec<f64> = base_steps.iter().zip(&step_s).map(|(base, s)| base / s).collect();

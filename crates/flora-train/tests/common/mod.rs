@@ -2,14 +2,13 @@
 //! encoder, and synthetic per-adapter tasks.
 #![allow(dead_code)]
 
-use flora_adapters::init::{self, WeightRng};
 use flora_adapters::AdapterKind;
+use flora_model::adapters::RandomAdapter;
 use flora_model::{Adapter, Llama, LlamaConfig, Proj};
 use flora_tokenizer::ChatMessage;
 use flora_train::config::AdapterSpec;
 use flora_train::data::{Example, TextEncoder};
 use flora_train::TrainAdapter;
-use std::collections::BTreeMap;
 
 pub fn tiny_model() -> Llama {
     Llama::random(LlamaConfig::tiny(), 7).unwrap()
@@ -28,26 +27,11 @@ pub fn spec(name: &str, kind: AdapterKind, rank: usize, targets: &[Proj], lr: f6
 }
 
 /// An adapter with random weights away from the identity (so every parameter has a gradient).
+/// IA3 scales `down`'s input, as `spec` sets `feedforward`.
 pub fn random_adapter(cfg: &LlamaConfig, s: &AdapterSpec, seed: u64) -> TrainAdapter {
-    let mut rng = WeightRng::new(seed);
-    let dev = candle_core::Device::Cpu;
-    let mut weights = BTreeMap::new();
-    for layer in 0..cfg.n_layers {
-        for &p in &s.targets {
-            let (di, dout) = p.dims(cfg);
-            let w = match s.kind {
-                AdapterKind::Lora => init::lora_random(s.rank, di, dout, s.alpha.unwrap(), &mut rng, &dev),
-                AdapterKind::Flora => init::flora_random(s.rank, di, dout, &mut rng, &dev),
-                AdapterKind::Ia3 => {
-                    let on_input = s.feedforward.contains(&p);
-                    init::ia3_random(if on_input { di } else { dout }, on_input, &mut rng, &dev)
-                }
-            }
-            .unwrap();
-            weights.insert((layer, p), w);
-        }
-    }
-    TrainAdapter::from_adapter(s.clone(), Adapter { name: s.name.clone(), kind: s.kind, rank: s.rank, weights }).unwrap()
+    let how = RandomAdapter { seed, lora_alpha: s.alpha.unwrap_or(1.0), ia3_input_on_down: true };
+    let adapter = Adapter { name: s.name.clone(), ..Adapter::random(cfg, s.kind, s.rank, &s.targets, how).unwrap() };
+    TrainAdapter::from_adapter(s.clone(), adapter).unwrap()
 }
 
 /// A tiny deterministic token stream.
