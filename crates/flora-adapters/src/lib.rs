@@ -21,5 +21,5 @@ pub use batch::{AdapterBatch, Segment, SlotId};
 pub use cost::CostModel;
 pub use error::{AdapterError, Result};
 pub use op::{adapted_linear, adapted_linear_rows, adapted_linear_rows_many, BaseWeight, WeightFormat};
-pub use params::{AdapterKind, AdapterWeights, LayerAdapters, SlotKind, SlotParts, SlotSpec};
+pub use params::{AdapterKind, AdapterWeights, Bf16Tables, LayerAdapters, LoraTables, SlotKind, SlotParts, SlotSpec};
 pub use plan::{ExecOptions, FloraPolicy, LayerPlan, SegmentExec};

@@ -10,7 +10,7 @@ use crate::cpu;
 use crate::cpu::bf16::PackedBf16;
 use crate::cpu::forward::BaseRef;
 use crate::error::{AdapterError, Result};
-use crate::params::LayerAdapters;
+use crate::params::{Bf16Tables, LayerAdapters};
 use crate::plan::{plan_layer, ExecOptions, LayerPlan};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use std::sync::Arc;
@@ -191,8 +191,7 @@ fn rows_planned(x: &[f32], n_rows: usize, base: &BaseWeight, adapters: Option<(&
                 Ok(y)
             }
             Some((a, plan)) => {
-                let params16 = a.bf16_params().map(|p| &p[..]);
-                with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, params16, plan)))
+                with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, a.bf16_params(), plan)))
             }
         }
     })?)
@@ -284,7 +283,7 @@ fn check_input(
 struct AdaptedLinearOp {
     wt: Tensor,
     bf16: Option<Arc<PackedBf16>>,
-    params16: Option<Arc<[u16]>>,
+    params16: Option<Bf16Tables>,
     plan: Arc<LayerPlan>,
     name: Arc<str>,
 }
@@ -320,7 +319,7 @@ impl CustomOp2 for AdaptedLinearOp {
         let x = f32_slice(s1, l1, "x")?;
         let params = f32_slice(s2, l2, "adapter params")?;
         let plan = &*self.plan;
-        let y = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(cpu::forward::forward(x, BaseRef { wt, bf16: self.bf16.as_deref() }, params, self.params16.as_deref(), plan)))?;
+        let y = with_cpu_tensor(&self.wt, "base weight", |wt| Ok(cpu::forward::forward(x, BaseRef { wt, bf16: self.bf16.as_deref() }, params, self.params16.as_ref(), plan)))?;
         Ok((CpuStorage::F32(y), Shape::from((plan.n_rows, plan.d_out))))
     }
 

@@ -108,6 +108,63 @@ impl SlotSpec {
     }
 }
 
+/// How bf16 inference stores LoRA slots in a table's bf16 copy (the tables a decode step
+/// streams, one per distinct adapter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LoraTables {
+    /// bf16 values: the f32 table rounded to bf16 ([`crate::cpu::lora_bf16`]).
+    #[default]
+    Bf16,
+    /// 8-bit integers with one scale per rank row of A and of B^T ([`crate::cpu::lora_int8`]):
+    /// half the bytes per step. Projections under 4 wide keep bf16.
+    Int8,
+}
+
+impl LoraTables {
+    /// Whether a LoRA slot of a `d_in -> d_out` projection is stored in 8 bits.
+    pub fn int8_at(self, d_in: usize, d_out: usize) -> bool {
+        self == Self::Int8 && crate::cpu::lora_int8::fits(d_in, d_out)
+    }
+}
+
+impl std::fmt::Display for LoraTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
+        })
+    }
+}
+
+impl std::str::FromStr for LoraTables {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "bf16" => Ok(Self::Bf16),
+            "int8" => Ok(Self::Int8),
+            _ => Err(format!("unknown LoRA table format '{s}' (expected bf16 or int8)")),
+        }
+    }
+}
+
+/// A table's copy for bf16 inference: its values as bf16 at the f32 table's slot offsets (a
+/// slot's values in the layout its kernel reads), LoRA slots stored as `lora` says.
+#[derive(Clone, Debug)]
+pub struct Bf16Tables {
+    pub values: Arc<[u16]>,
+    pub lora: LoraTables,
+    /// With 8-bit LoRA: the integers, one byte per value at the same offsets (bytes of other
+    /// slots unused); LoRA slots' regions of `values` then hold only their scales. Else empty.
+    pub ints: Arc<[u8]>,
+}
+
+impl Bf16Tables {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.values.len() * 2 + self.ints.len()
+    }
+}
+
 /// All adapters of one projection (one layer's q, k, ..., down), packed for the kernels.
 #[derive(Clone, Debug)]
 pub struct LayerAdapters {
@@ -117,9 +174,8 @@ pub struct LayerAdapters {
     slots: Arc<[Option<SlotSpec>]>,
     /// Flat f32 `[total]`; may be a graph node over trainable variables.
     params: Tensor,
-    /// The same values as bf16 (same slot offsets; LoRA slots in the order their kernel reads
-    /// them), for bf16 inference: see [`Self::with_bf16_tables`].
-    bf16: Option<Arc<[u16]>>,
+    /// The copy bf16 inference reads: see [`Self::with_bf16_tables`].
+    bf16: Option<Bf16Tables>,
 }
 
 impl LayerAdapters {
@@ -152,8 +208,9 @@ impl LayerAdapters {
     /// none does.
     pub fn from_parts(name: &str, d_in: usize, d_out: usize, slots: &[Option<&SlotParts>], device: &Device) -> Result<Self> {
         let present = || slots.iter().flatten();
-        let bf16 = present().next().is_some_and(|p| p.halves.is_some());
-        if present().any(|p| p.halves.is_some() != bf16 || p.d_in != d_in || p.d_out != d_out) {
+        let format = present().next().map(|p| p.halves.as_ref().map(|h| h.lora));
+        let bf16 = format.flatten().is_some();
+        if present().any(|p| Some(p.halves.as_ref().map(|h| h.lora)) != format || p.d_in != d_in || p.d_out != d_out) {
             return Err(AdapterError::BadBatch { layer: name.to_string(), msg: "prepared slots differ in number format or projection shape".into() });
         }
         let total: usize = present().map(|p| p.values.len()).sum();
@@ -161,14 +218,19 @@ impl LayerAdapters {
         // Written in place (an `Arc<[u16]>` made from a Vec would copy it once more).
         let mut halves = Arc::<[u16]>::new_uninit_slice(if bf16 { total } else { 0 });
         let halves_out = Arc::get_mut(&mut halves).expect("a new Arc is unique");
+        let int8 = format.flatten() == Some(LoraTables::Int8);
+        let mut ints = if int8 { vec![0u8; total] } else { Vec::new() };
         let mut specs = Vec::with_capacity(slots.len());
         for slot in slots {
             specs.push(slot.map(|p| {
                 let spec = SlotSpec { offset: values.len(), ..p.spec };
                 if let Some(h) = &p.halves {
-                    debug_assert_eq!(h.len(), p.values.len(), "a slot's bf16 copy covers its values");
-                    for (o, &v) in halves_out[values.len()..values.len() + h.len()].iter_mut().zip(h.iter()) {
+                    debug_assert_eq!(h.values.len(), p.values.len(), "a slot's bf16 copy covers its values");
+                    for (o, &v) in halves_out[values.len()..values.len() + h.values.len()].iter_mut().zip(h.values.iter()) {
                         o.write(v);
+                    }
+                    if int8 {
+                        ints[values.len()..values.len() + h.ints.len()].copy_from_slice(&h.ints);
                     }
                 }
                 values.extend_from_slice(&p.values);
@@ -180,7 +242,7 @@ impl LayerAdapters {
         // values cover 0..total; without, the slice is empty.
         let halves = unsafe { halves.assume_init() };
         let params = Tensor::from_vec(values, total, device)?;
-        Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params, bf16: bf16.then_some(halves) })
+        Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params, bf16: format.flatten().map(|lora| Bf16Tables { values: halves, lora, ints: ints.into() }) })
     }
 
     /// The same slot table over other parameter values of the same layout (e.g. a trainable
@@ -220,24 +282,29 @@ impl LayerAdapters {
     /// bf16 copy (same slot offsets; a LoRA slot's values in the order its kernel reads them,
     /// see [`crate::cpu::lora_bf16`]) that the per-row LoRA loops of decode steps stream: half
     /// the bytes, and at 32 distinct adapters a decode step reads more adapter bytes than base
-    /// weights. Every path computes with the same values, so a row's result does not depend on
-    /// how its sequence was batched or chunked (up to f32 summation order).
-    pub fn with_bf16_tables(&self) -> Result<Self> {
-        let (halves, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
+    /// weights. With `lora` = [`LoraTables::Int8`], LoRA slots are quantized to 8 bits in
+    /// their region of the copy instead (a quarter of the f32 bytes), and their f32 values
+    /// become the quantized ones. Every path computes with the same values, so a row's result
+    /// does not depend on how its sequence was batched or chunked (up to f32 summation order).
+    pub fn with_bf16_tables(&self, lora: LoraTables) -> Result<Self> {
+        let (halves, ints, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
             let mut rounded = values.to_vec();
             let mut halves = crate::cpu::bf16::round_in_place(&mut rounded);
+            let mut ints = if lora == LoraTables::Int8 { vec![0u8; rounded.len()] } else { Vec::new() };
             for spec in self.slots.iter().flatten() {
                 let len = spec.in_len(self.d_in) + spec.out_len(self.d_out);
-                arrange_halves(spec, &mut halves[spec.offset..spec.offset + len], self.d_in, self.d_out);
+                let range = spec.offset..spec.offset + len;
+                let slot_ints = if ints.is_empty() { &mut [][..] } else { &mut ints[range.clone()] };
+                arrange_for_kernel(spec, &mut halves[range.clone()], slot_ints, &mut rounded[range], self.d_in, self.d_out, lora);
             }
-            Ok((halves, rounded))
+            Ok((halves, ints, rounded))
         })?;
         let params = Tensor::from_vec(rounded, self.params.elem_count(), self.params.device())?;
-        Ok(Self { params, bf16: Some(halves.into()), ..self.clone() })
+        Ok(Self { params, bf16: Some(Bf16Tables { values: halves.into(), lora, ints: ints.into() }), ..self.clone() })
     }
 
     /// The bf16 copy of the parameters, when packed with [`Self::with_bf16_tables`].
-    pub fn bf16_params(&self) -> Option<&Arc<[u16]>> {
+    pub fn bf16_params(&self) -> Option<&Bf16Tables> {
         self.bf16.as_ref()
     }
     pub(crate) fn name_arc(&self) -> Arc<str> {
@@ -296,38 +363,46 @@ pub struct SlotParts {
     d_out: usize,
     /// In-part then out-part (see the module table); bf16-rounded values when `halves` is set.
     values: Arc<[f32]>,
-    /// The same values as bf16, for bf16 inference (see [`LayerAdapters::with_bf16_tables`]).
-    halves: Option<Arc<[u16]>>,
+    /// The copy bf16 inference reads (see [`LayerAdapters::with_bf16_tables`]).
+    halves: Option<Bf16Tables>,
 }
 
 impl SlotParts {
-    /// Checks and lays out `w` for projection `layer` `[d_out, d_in]`; with `bf16`, rounds the
-    /// values to bf16 and keeps their bf16 copy.
-    pub fn new(layer: &str, adapter: &str, d_in: usize, d_out: usize, w: &AdapterWeights, bf16: bool) -> Result<Self> {
+    /// Checks and lays out `w` for projection `layer` `[d_out, d_in]`; with `bf16` (LoRA's
+    /// format in it), rounds the values to bf16 and keeps their bf16 copy, as
+    /// [`LayerAdapters::with_bf16_tables`] does.
+    pub fn new(layer: &str, adapter: &str, d_in: usize, d_out: usize, w: &AdapterWeights, bf16: Option<LoraTables>) -> Result<Self> {
         let (spec, parts) = slot_layout(layer, adapter, d_in, d_out, w)?;
         let mut values: Vec<f32> = Vec::new();
         for part in &parts {
             values.extend(part.flatten_all()?.to_vec1::<f32>()?);
         }
-        let halves = bf16.then(|| {
+        let halves = bf16.map(|lora| {
             let mut halves = crate::cpu::bf16::round_in_place(&mut values);
-            arrange_halves(&spec, &mut halves, d_in, d_out);
-            Arc::from(halves)
+            let mut ints = if lora == LoraTables::Int8 { vec![0u8; values.len()] } else { Vec::new() };
+            arrange_for_kernel(&spec, &mut halves, &mut ints, &mut values, d_in, d_out, lora);
+            Bf16Tables { values: halves.into(), lora, ints: ints.into() }
         });
         Ok(Self { spec, d_in, d_out, values: values.into(), halves })
     }
 
     /// Bytes held (values and their bf16 copy).
     pub fn bytes(&self) -> usize {
-        self.values.len() * 4 + self.halves.as_ref().map_or(0, |h| h.len() * 2)
+        self.values.len() * 4 + self.halves.as_ref().map_or(0, Bf16Tables::bytes)
     }
 }
 
-/// Lays a slot's bf16 copy out for its kernel: LoRA slots in [`crate::cpu::lora_bf16`]'s
-/// order; the other kinds keep the table's own.
-fn arrange_halves(spec: &SlotSpec, halves: &mut [u16], d_in: usize, d_out: usize) {
+/// Lays a slot's bf16 copy (`halves`, of the slot's bf16-rounded `values`) out for its kernel:
+/// LoRA slots in [`crate::cpu::lora_bf16`]'s order, or quantized by [`crate::cpu::lora_int8`]
+/// into `ints` (the slot's bytes of the byte table; then `values` become the quantized ones);
+/// the other kinds keep the table's own.
+fn arrange_for_kernel(spec: &SlotSpec, halves: &mut [u16], ints: &mut [u8], values: &mut [f32], d_in: usize, d_out: usize, lora: LoraTables) {
     if spec.kind == SlotKind::Lora {
-        crate::cpu::lora_bf16::arrange(halves, spec.rank, d_in, d_out);
+        if lora.int8_at(d_in, d_out) {
+            crate::cpu::lora_int8::quantize(halves, ints, values, spec.rank, d_in, d_out);
+        } else {
+            crate::cpu::lora_bf16::arrange(halves, spec.rank, d_in, d_out);
+        }
     }
 }
 
@@ -386,23 +461,28 @@ mod tests {
         let slots: Vec<Option<(&str, &AdapterWeights)>> =
             vec![Some(("a", &weights[0])), None, Some(("b", &weights[1])), Some(("c", &weights[2])), Some(("d", &weights[3]))];
         let reference = LayerAdapters::pack("p", d_in, d_out, &slots, &Device::Cpu).unwrap();
-        for bf16 in [false, true] {
+        for bf16 in [None, Some(LoraTables::Bf16), Some(LoraTables::Int8)] {
             let parts: Vec<Option<SlotParts>> =
                 slots.iter().map(|s| s.map(|(name, w)| SlotParts::new("p", name, d_in, d_out, w, bf16).unwrap())).collect();
             let refs: Vec<Option<&SlotParts>> = parts.iter().map(Option::as_ref).collect();
             let got = LayerAdapters::from_parts("p", d_in, d_out, &refs, &Device::Cpu).unwrap();
-            let want = if bf16 { reference.with_bf16_tables().unwrap() } else { reference.clone() };
+            let want = match bf16 {
+                Some(lora) => reference.with_bf16_tables(lora).unwrap(),
+                None => reference.clone(),
+            };
             assert_eq!(got.slots(), want.slots());
             assert_eq!(got.params().to_vec1::<f32>().unwrap(), want.params().to_vec1::<f32>().unwrap());
-            assert_eq!(got.bf16_params().map(|h| h.to_vec()), want.bf16_params().map(|h| h.to_vec()));
+            assert_eq!(got.bf16_params().map(|h| (h.values.to_vec(), h.lora, h.ints.to_vec())), want.bf16_params().map(|h| (h.values.to_vec(), h.lora, h.ints.to_vec())));
         }
         // Formats do not mix, and parts belong to one projection shape.
-        let f32_part = SlotParts::new("p", "a", d_in, d_out, &weights[0], false).unwrap();
-        let bf16_part = SlotParts::new("p", "b", d_in, d_out, &weights[1], true).unwrap();
+        let f32_part = SlotParts::new("p", "a", d_in, d_out, &weights[0], None).unwrap();
+        let bf16_part = SlotParts::new("p", "b", d_in, d_out, &weights[1], Some(LoraTables::Bf16)).unwrap();
+        let int8_part = SlotParts::new("p", "b", d_in, d_out, &weights[1], Some(LoraTables::Int8)).unwrap();
         assert!(LayerAdapters::from_parts("p", d_in, d_out, &[Some(&f32_part), Some(&bf16_part)], &Device::Cpu).is_err());
+        assert!(LayerAdapters::from_parts("p", d_in, d_out, &[Some(&int8_part), Some(&bf16_part)], &Device::Cpu).is_err());
         assert!(LayerAdapters::from_parts("p", d_in + 1, d_out, &[Some(&f32_part)], &Device::Cpu).is_err());
         // Preparing checks like packing does.
         let bad = AdapterWeights::Lora { a: t(&[3, d_in + 1], 1), b: t(&[d_out, 3], 2), scale: 0.5 };
-        assert!(SlotParts::new("p", "bad", d_in, d_out, &bad, true).is_err());
+        assert!(SlotParts::new("p", "bad", d_in, d_out, &bad, Some(LoraTables::Bf16)).is_err());
     }
 }

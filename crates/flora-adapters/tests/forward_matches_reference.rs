@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use flora_adapters::{adapted_linear, adapted_linear_rows, AdapterBatch, BaseWeight, ExecOptions, FloraPolicy, WeightFormat};
+use flora_adapters::{adapted_linear, adapted_linear_rows, AdapterBatch, BaseWeight, ExecOptions, FloraPolicy, LoraTables, WeightFormat};
 
 const POLICIES: [FloraPolicy; 3] = [FloraPolicy::Vectorized, FloraPolicy::Merged, FloraPolicy::Auto];
 
@@ -21,26 +21,34 @@ fn mixed_kinds() -> Vec<Kind> {
     kinds
 }
 
-/// The seam's output in `format` (bf16: base weight and adapter tables); the tensor entry point and the plain-rows one
-/// (`adapted_linear_rows`, the inference step's) must agree bit for bit.
-fn run_in(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy, format: WeightFormat) -> Vec<f32> {
+/// Both LoRA table formats of bf16 inference.
+const LORA_TABLES: [LoraTables; 2] = [LoraTables::Bf16, LoraTables::Int8];
+
+/// The seam's output in f32, or in bf16 (base weight and adapter tables, LoRA's stored as
+/// `bf16` says); the tensor entry point and the plain-rows one (`adapted_linear_rows`, the
+/// inference step's) must agree bit for bit.
+fn run_in(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy, bf16: Option<LoraTables>) -> Vec<f32> {
+    let format = if bf16.is_some() { WeightFormat::Bf16 } else { WeightFormat::F32 };
     let n = batch.n_rows();
     let xt = Tensor::from_vec(x.to_vec(), (n, fx.d_in), &Device::Cpu).unwrap();
     let mut base = BaseWeight::from_out_in(&fx.w0_tensor()).unwrap();
     base.set_format(format).unwrap();
     let opts = ExecOptions { flora: policy, ..Default::default() };
     // bf16 inference also gives the adapter tables a bf16 copy that decode rows stream.
-    let layer = if format == WeightFormat::Bf16 { fx.layer.with_bf16_tables().unwrap() } else { fx.layer.clone() };
+    let layer = match bf16 {
+        Some(lora) => fx.layer.with_bf16_tables(lora).unwrap(),
+        None => fx.layer.clone(),
+    };
     let y = adapted_linear(&xt, &base, batch, Some(&layer), &opts).unwrap();
     assert_eq!(y.dims(), &[n, fx.d_out]);
     let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
     let rows = adapted_linear_rows(x, &base, batch, Some(&layer), &opts).unwrap();
-    assert!(rows == y, "adapted_linear_rows differs from adapted_linear ({format})");
+    assert!(rows == y, "adapted_linear_rows differs from adapted_linear ({format}, LoRA tables {bf16:?})");
     y
 }
 
 fn run(fx: &Fixture, x: &[f32], batch: &AdapterBatch, policy: FloraPolicy) -> Vec<f32> {
-    run_in(fx, x, batch, policy, WeightFormat::F32)
+    run_in(fx, x, batch, policy, None)
 }
 
 fn check(d_in: usize, d_out: usize, n_rows: usize, seed: u64) {
@@ -55,11 +63,14 @@ fn check(d_in: usize, d_out: usize, n_rows: usize, seed: u64) {
             let err = max_rel_err(&got, &want);
             assert!(err < 2e-4, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}, {policy:?}: max rel err {err}");
         }
-        // bf16 base weights: the shared GEMM's inputs and weights rounded to 8 significant bits.
+        // bf16 base weights: the shared GEMM's inputs and weights rounded to 8 significant bits
+        // (LoRA tables in bf16 or in 8 bits).
         let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
-        let got = run_in(&fx, &x, &batch, FloraPolicy::Auto, WeightFormat::Bf16);
-        let err = got.iter().zip(&want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale;
-        assert!(err < 2e-2, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}, bf16: max err {err} of the largest output");
+        for lora in LORA_TABLES {
+            let got = run_in(&fx, &x, &batch, FloraPolicy::Auto, Some(lora));
+            let err = got.iter().zip(&want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale;
+            assert!(err < 2e-2, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}, bf16 ({lora} LoRA): max err {err} of the largest output");
+        }
     }
 }
 
@@ -191,16 +202,18 @@ fn bf16_lora_beside_the_gemm_matches_the_reference() {
             let batch = AdapterBatch::from_row_slots(rows_for(*pattern, n_rows, kinds.len(), 41 + pi as u64));
             let base_only = AdapterBatch::base_only(n_rows);
             let x = random_input(n_rows, d_in, 42 + pi as u64);
-            let got = run_in(&fx, &x, &batch, FloraPolicy::Auto, WeightFormat::Bf16);
-            let got_base = run_in(&fx, &x, &base_only, FloraPolicy::Auto, WeightFormat::Bf16);
-            let (want, want_base) = (fx.reference(&x, &batch), fx.reference(&x, &base_only));
-            let delta = |a: f64, b: f64| a - b;
-            let scale = want.iter().zip(&want_base).fold(1e-6f64, |m, (w, b)| m.max(delta(*w, *b).abs()));
-            let err = (0..got.len())
-                .map(|i| (delta(got[i] as f64, got_base[i] as f64) - delta(want[i], want_base[i])).abs())
-                .fold(0.0, f64::max)
-                / scale;
-            assert!(err < 2e-2, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}: adapter terms off by {err} of the largest");
+            for lora in LORA_TABLES {
+                let got = run_in(&fx, &x, &batch, FloraPolicy::Auto, Some(lora));
+                let got_base = run_in(&fx, &x, &base_only, FloraPolicy::Auto, Some(lora));
+                let (want, want_base) = (fx.reference(&x, &batch), fx.reference(&x, &base_only));
+                let delta = |a: f64, b: f64| a - b;
+                let scale = want.iter().zip(&want_base).fold(1e-6f64, |m, (w, b)| m.max(delta(*w, *b).abs()));
+                let err = (0..got.len())
+                    .map(|i| (delta(got[i] as f64, got_base[i] as f64) - delta(want[i], want_base[i])).abs())
+                    .fold(0.0, f64::max)
+                    / scale;
+                assert!(err < 2e-2, "{d_in}x{d_out}, {n_rows} rows, {pattern:?}, {lora} LoRA: adapter terms off by {err} of the largest");
+            }
         }
     }
 }
@@ -215,7 +228,8 @@ fn projections_sharing_an_input_equal_one_call_each() {
     let d_in = 96;
     for (kinds, n_rows) in [(&lora, 1), (&lora, 7), (&lora, 40), (&with_flora, 7)] {
         let fixtures: Vec<Fixture> = [(96, 11), (48, 12), (200, 13)].iter().map(|&(d_out, seed)| Fixture::new(d_in, d_out, kinds, seed)).collect();
-        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        for bf16 in [None, Some(LoraTables::Bf16), Some(LoraTables::Int8)] {
+            let format = if bf16.is_some() { WeightFormat::Bf16 } else { WeightFormat::F32 };
             let bases: Vec<BaseWeight> = fixtures
                 .iter()
                 .map(|fx| {
@@ -224,7 +238,7 @@ fn projections_sharing_an_input_equal_one_call_each() {
                     b
                 })
                 .collect();
-            let layers: Vec<_> = fixtures.iter().map(|fx| if format == WeightFormat::Bf16 { fx.layer.with_bf16_tables().unwrap() } else { fx.layer.clone() }).collect();
+            let layers: Vec<_> = fixtures.iter().map(|fx| bf16.map_or_else(|| fx.layer.clone(), |lora| fx.layer.with_bf16_tables(lora).unwrap())).collect();
             for (pi, pattern) in PATTERNS.iter().enumerate() {
                 let batch = AdapterBatch::from_row_slots(rows_for(*pattern, n_rows, kinds.len(), 50 + pi as u64));
                 let x = random_input(n_rows, d_in, 60 + pi as u64);
@@ -236,7 +250,7 @@ fn projections_sharing_an_input_equal_one_call_each() {
                 assert_eq!(many.len(), projections.len());
                 for (i, (&(b, l), got)) in projections.iter().zip(&many).enumerate() {
                     let one = adapted_linear_rows(&x, b, &batch, l, &opts).unwrap();
-                    assert!(*got == one, "{format}, {n_rows} rows, {pattern:?}, projection {i}: pooled output differs");
+                    assert!(*got == one, "{format}, {n_rows} rows, {pattern:?}, projection {i}: pooled output differs (LoRA tables {bf16:?})");
                 }
             }
         }
@@ -264,9 +278,9 @@ fn pooled_decode_on_an_arena_matches_one_call_each_and_the_reference() {
             .collect()
     };
     let alone = bf16_bases();
-    let layers: Vec<_> = fixtures.iter().map(|fx| fx.layer.with_bf16_tables().unwrap()).collect();
     let opts = ExecOptions::default();
-    for n_rows in [1, 5, 9] {
+    for (lora, n_rows) in [(LoraTables::Bf16, 1), (LoraTables::Bf16, 5), (LoraTables::Bf16, 9), (LoraTables::Int8, 1), (LoraTables::Int8, 9)] {
+        let layers: Vec<_> = fixtures.iter().map(|fx| fx.layer.with_bf16_tables(lora).unwrap()).collect();
         for (pi, pattern) in PATTERNS.iter().enumerate() {
             let batch = AdapterBatch::from_row_slots(rows_for(*pattern, n_rows, kinds.len(), 70 + pi as u64));
             let x = random_input(n_rows, d_in, 80 + pi as u64);
@@ -282,7 +296,7 @@ fn pooled_decode_on_an_arena_matches_one_call_each_and_the_reference() {
                     let many = pool.install(|| flora_adapters::cpu::team::with_team(|| flora_adapters::adapted_linear_rows_many(&x, &projections, &batch, &opts).unwrap()));
                     for (i, ((base, layer), got)) in alone.iter().zip(&layers).zip(&many).enumerate() {
                         let one = pool.install(|| adapted_linear_rows(&x, base, &batch, Some(layer), &opts).unwrap());
-                        let what = format!("{n_rows} rows, {pattern:?}, arena {arena_threads}, pool {pool_threads}, projection {i}");
+                        let what = format!("{lora} LoRA, {n_rows} rows, {pattern:?}, arena {arena_threads}, pool {pool_threads}, projection {i}");
                         assert!(*got == one, "{what}: pooled output differs from one call");
                         let scale = want[i].iter().fold(1f64, |m, v| m.max(v.abs()));
                         let err = got.iter().zip(&want[i]).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale;

@@ -47,6 +47,8 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[arg(long, env = "FLORA_WEIGHTS", help = crate::load::WEIGHTS_HELP)]
     pub weights: Option<flora_adapters::WeightFormat>,
+    #[arg(long, env = "FLORA_LORA_TABLES", default_value = "bf16", help = crate::load::LORA_TABLES_HELP)]
+    pub lora_tables: flora_adapters::LoraTables,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -61,7 +63,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Err(e) = params.validate() {
         bail!("--{}", e.replace('_', "-"));
     }
-    let (model, tok) = crate::load::model_and_tokenizer(args.model.as_deref(), args.weights)?;
+    let (mut model, tok) = crate::load::model_and_tokenizer(args.model.as_deref(), args.weights)?;
+    model.set_lora_tables(args.lora_tables);
     let text = if args.chat { tok.chat_template()?.render(&[ChatMessage::user(args.prompt.clone())], true)? } else { args.prompt.clone() };
     let mut prompt = tok.encode(&text)?;
     if tok.add_bos() {

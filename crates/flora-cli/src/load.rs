@@ -15,6 +15,11 @@ with config.json, *.safetensors and tokenizer.json). Default: $FLORA_MODEL, else
 pub const WEIGHTS_HELP: &str = "Number format of the base weights in inference: f32 (exact to the f32 reference) or bf16 \
 (half the bytes, AVX512-BF16 kernels; logits within about 1% of f32). Default: bf16 where the CPU has AVX512-BF16, else f32";
 
+/// The help text of every `--lora-tables` flag.
+pub const LORA_TABLES_HELP: &str = "How bf16 inference stores LoRA adapters' A and B: bf16, or int8 (8-bit integers with a scale \
+per rank row: half the bytes each decode step streams per distinct adapter, and faster at higher ranks; an adapter's \
+contribution changes by up to half a quantization step per value). f32 weights keep f32 tables either way";
+
 /// The model (dequantized to f32; inference GEMMs in `weights`, default [`WeightFormat::fastest_here`])
 /// and its tokenizer: from the GGUF metadata, or from `tokenizer.json` (and its config files)
 /// beside a safetensors checkpoint.

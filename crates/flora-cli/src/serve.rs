@@ -16,6 +16,8 @@ pub struct ServeArgs {
     pub model: Option<PathBuf>,
     #[arg(long, env = "FLORA_WEIGHTS", help = crate::load::WEIGHTS_HELP)]
     pub weights: Option<flora_adapters::WeightFormat>,
+    #[arg(long, env = "FLORA_LORA_TABLES", default_value = "bf16", help = crate::load::LORA_TABLES_HELP)]
+    pub lora_tables: flora_adapters::LoraTables,
     /// Adapters directory, one subdirectory per adapter (PEFT LoRA / IA3, flora fLoRA).
     /// Default: $FLORA_ADAPTERS_DIR, else `adapters` in flora's cache directory.
     #[arg(long)]
@@ -26,7 +28,8 @@ pub struct ServeArgs {
     pub port: u16,
     /// Bytes of adapter weights kept in memory (suffixes K, M, G allowed); least recently used
     /// adapters that no request is using are evicted beyond it. Counts adapters as inference
-    /// holds them: f32 weights, plus their bf16 copy with bf16 weights (1.5x).
+    /// holds them: f32 weights, plus their bf16 copy with bf16 weights (1.5x; 1.75x with
+    /// --lora-tables int8, whose integers sit beside the copy).
     #[arg(long, default_value = "1G", value_parser = parse_bytes)]
     pub max_pool_bytes: usize,
     /// Most tokens (prefill chunks + decodes) in one model step.
@@ -77,7 +80,8 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 pub fn run(args: ServeArgs) -> Result<()> {
     crate::load::init_logging();
     let path = flora_model::default_model::resolve_model(args.model.as_deref())?;
-    let (model, tok) = crate::load::model_and_tokenizer(Some(&path), args.weights)?;
+    let (mut model, tok) = crate::load::model_and_tokenizer(Some(&path), args.weights)?;
+    model.set_lora_tables(args.lora_tables);
     let adapters = args.adapters.or_else(|| std::env::var_os("FLORA_ADAPTERS_DIR").map(PathBuf::from)).unwrap_or_else(|| flora_model::default_model::cache_dir().join("adapters"));
     let max_kv_tokens = (args.max_kv_bytes / model.kv_bytes_per_token()).max(1);
     let name = args.served_model_name.unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("base").to_string());

@@ -5,7 +5,7 @@ use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::model::Proj;
 use candle_core::Device;
-use flora_adapters::{AdapterKind, AdapterWeights, LayerAdapters, SlotParts};
+use flora_adapters::{AdapterKind, AdapterWeights, LayerAdapters, LoraTables, SlotParts};
 use std::collections::BTreeMap;
 
 /// One adapter over the whole model.
@@ -72,14 +72,15 @@ impl Adapter {
 /// `Llama::prepare_adapter`): packing prepared adapters is a copy of their values.
 #[derive(Clone, Debug, Default)]
 pub struct PreparedAdapter {
-    /// Whether the parts carry bf16 copies (bf16 inference).
-    pub(crate) bf16: bool,
+    /// The bf16 copies' LoRA format when the parts carry them (bf16 inference), else None.
+    pub(crate) bf16: Option<LoraTables>,
     pub(crate) parts: BTreeMap<(usize, Proj), SlotParts>,
 }
 
 impl PreparedAdapter {
-    /// Lays out every projection `adapter` targets; `bf16` rounds to bf16 and keeps a bf16 copy.
-    pub fn new(cfg: &LlamaConfig, adapter: &Adapter, bf16: bool) -> Result<Self> {
+    /// Lays out every projection `adapter` targets; `bf16` rounds to bf16 and keeps a bf16 copy
+    /// with LoRA stored as it says (see [`crate::Llama::adapter_tables`]).
+    pub fn new(cfg: &LlamaConfig, adapter: &Adapter, bf16: Option<LoraTables>) -> Result<Self> {
         let mut parts = BTreeMap::new();
         for (&(layer, p), w) in &adapter.weights {
             let (d_in, d_out) = p.dims(cfg);

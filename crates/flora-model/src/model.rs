@@ -15,7 +15,7 @@ use crate::layers::{causal_attention, rms_norm, Rope};
 use crate::rows;
 use crate::weights::Checkpoint;
 use candle_core::{DType, Device, Tensor};
-use flora_adapters::{adapted_linear, adapted_linear_rows, adapted_linear_rows_many, AdapterBatch, BaseWeight, ExecOptions, SlotId, WeightFormat};
+use flora_adapters::{adapted_linear, adapted_linear_rows, adapted_linear_rows_many, AdapterBatch, BaseWeight, ExecOptions, LoraTables, SlotId, WeightFormat};
 
 /// The seven adaptable projections of a block, in PEFT's module names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,6 +106,8 @@ pub struct Llama {
     lm_head: BaseWeight,
     rope: Rope,
     exec: ExecOptions,
+    /// How bf16 inference stores LoRA tables (see [`Self::adapter_tables`]).
+    lora_tables: LoraTables,
 }
 
 /// Which positions of a sequence need logits in a step.
@@ -147,7 +149,7 @@ impl Llama {
             });
         }
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context);
-        Ok(Self { cfg, embed, blocks, norm, lm_head, rope, exec: ExecOptions::default() })
+        Ok(Self { cfg, embed, blocks, norm, lm_head, rope, exec: ExecOptions::default(), lora_tables: LoraTables::default() })
     }
 
     /// A random model (tests): weights ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), norms ~ 1.
@@ -211,6 +213,21 @@ impl Llama {
         self.lm_head.format()
     }
 
+    /// How bf16 inference stores LoRA tables from now on: bf16 values, or 8-bit integers with a
+    /// scale per rank row (half the bytes a decode step streams per adapter; the adapter's
+    /// terms are then within half a quantization step per value of the bf16 ones). Adapters
+    /// prepared before must be prepared again. f32 inference keeps f32 tables either way.
+    pub fn set_lora_tables(&mut self, lora: LoraTables) {
+        self.lora_tables = lora;
+    }
+
+    /// The format adapters are prepared in for this model's inference: None with f32 weights
+    /// (f32 tables); with bf16 weights, a bf16 copy whose LoRA slots are stored as
+    /// [`Self::set_lora_tables`] said.
+    pub fn adapter_tables(&self) -> Option<LoraTables> {
+        (self.weight_format() == WeightFormat::Bf16).then_some(self.lora_tables)
+    }
+
     /// Packs adapters for this model's inference steps: slot `i` is `adapters[i]`; with bf16
     /// weights the tables are rounded to bf16 and carry a bf16 copy that decode rows stream.
     /// (Training packs its variables with `ModelAdapters::pack`: f32, differentiable.)
@@ -223,15 +240,16 @@ impl Llama {
     /// format, once; [`Self::pack_prepared`] then only copies values (the serving engine
     /// repacks whenever a slot changes).
     pub fn prepare_adapter(&self, adapter: &Adapter) -> Result<PreparedAdapter> {
-        PreparedAdapter::new(&self.cfg, adapter, self.weight_format() == WeightFormat::Bf16)
+        PreparedAdapter::new(&self.cfg, adapter, self.adapter_tables())
     }
 
     /// Inference tables of prepared adapters (slot i = `adapters[i]`); they must have been
     /// prepared in the current weight format.
     pub fn pack_prepared(&self, adapters: &[&PreparedAdapter]) -> Result<ModelAdapters> {
-        let bf16 = self.weight_format() == WeightFormat::Bf16;
-        if adapters.iter().any(|a| a.bf16 != bf16 && !a.parts.is_empty()) {
-            return Err(ModelError::BadInput(format!("an adapter was prepared for another weight format than the model's ({})", self.weight_format())));
+        let tables = self.adapter_tables();
+        if adapters.iter().any(|a| a.bf16 != tables && !a.parts.is_empty()) {
+            let lora = tables.map_or(String::new(), |l| format!(", {l} LoRA tables"));
+            return Err(ModelError::BadInput(format!("an adapter was prepared for another table format than the model's ({} weights{lora})", self.weight_format())));
         }
         ModelAdapters::from_prepared(&self.cfg, adapters)
     }

@@ -10,7 +10,7 @@
 mod common;
 
 use common::random_adapter;
-use flora_adapters::{AdapterKind, WeightFormat};
+use flora_adapters::{AdapterKind, LoraTables, WeightFormat};
 use flora_model::adapters::ModelAdapters;
 use flora_model::{KvCache, Llama, Logits, Proj, SeqStep};
 
@@ -60,13 +60,14 @@ fn a_sequences_logits_do_not_depend_on_its_step_companions() {
     // Two threads, as the CI machine has: f32 products of up to 4 rows split k in two parts,
     // and a lone decode row's attention splits its 140+ positions in two.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for format in [WeightFormat::F32, WeightFormat::Bf16] {
+    for (format, lora_tables) in [(WeightFormat::F32, LoraTables::Bf16), (WeightFormat::Bf16, LoraTables::Bf16), (WeightFormat::Bf16, LoraTables::Int8)] {
         if format == WeightFormat::F32 && !flora_adapters::cpu::has_avx512() {
             // f32 products then run on the general GEMM library, whose blocking follows the
             // row count (docs/model.md).
             continue;
         }
         model.set_weight_format(format).unwrap();
+        model.set_lora_tables(lora_tables);
         let packed = model.pack_adapters(&adapters.iter().collect::<Vec<_>>()).unwrap();
         pool.install(|| {
             for subject in [None, Some(LORA)] {
@@ -75,7 +76,7 @@ fn a_sequences_logits_do_not_depend_on_its_step_companions() {
                     let beside = subject_logits(&model, &packed, subject, companions);
                     for (s, (a, b)) in alone.iter().zip(&beside).enumerate() {
                         let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-                        assert_eq!(differ, 0, "{format}, subject slot {subject:?}: decode step {s} beside {companions} others: {differ} logits differ from the sequence alone");
+                        assert_eq!(differ, 0, "{format} ({lora_tables} LoRA tables), subject slot {subject:?}: decode step {s} beside {companions} others: {differ} logits differ from the sequence alone");
                     }
                 }
             }

@@ -186,7 +186,7 @@ mod tests {
         let weights = BTreeMap::from([((0, Proj::Down), AdapterWeights::Ia3 { l, on_input: true })]);
         let info = AdapterInfo { name: name.into(), path: format!("/x/{name}").into(), kind: AdapterKind::Ia3, rank: 1, version: 1 };
         let adapter = flora_model::Adapter { name: name.into(), kind: AdapterKind::Ia3, rank: 1, weights };
-        (info, PreparedAdapter::new(&cfg, &adapter, false).unwrap())
+        (info, PreparedAdapter::new(&cfg, &adapter, None).unwrap())
     }
 
     #[test]

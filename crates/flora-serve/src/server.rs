@@ -60,7 +60,7 @@ impl RunningServer {
         let addr = listener.local_addr()?;
         let cfg = model.config().clone();
         let registry = Registry::new(opts.adapters_dir.clone())?;
-        let store = Arc::new(AdapterStore::new(registry, AdapterPool::new(opts.max_pool_bytes), cfg.clone(), model.weight_format()));
+        let store = Arc::new(AdapterStore::new(registry, AdapterPool::new(opts.max_pool_bytes), cfg.clone(), model.adapter_tables()));
         let tokenizer = Arc::new(tokenizer);
         let chat_template = tokenizer.chat_template().ok();
         let engine = EngineHandle::start(model, tokenizer.clone(), opts.engine.clone());

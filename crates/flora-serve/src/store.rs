@@ -5,7 +5,7 @@
 use crate::metrics as m;
 use crate::pool::{AdapterPool, LoadedAdapter, PoolError};
 use crate::registry::{AdapterInfo, Registry, RegistryError};
-use flora_adapters::WeightFormat;
+use flora_adapters::LoraTables;
 use flora_model::{LlamaConfig, PreparedAdapter};
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,17 +25,17 @@ pub struct AdapterStore {
     registry: Registry,
     pool: AdapterPool,
     model: LlamaConfig,
-    /// The engine model's weight format: adapters are prepared for it when loaded.
-    format: WeightFormat,
+    /// The engine model's adapter table format: adapters are prepared in it when loaded.
+    tables: Option<LoraTables>,
     /// One lock per adapter name being loaded, so concurrent first requests load it once.
     loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl AdapterStore {
-    /// `model` and `format` are the engine model's configuration and weight format
-    /// (`Llama::config`, `Llama::weight_format`).
-    pub fn new(registry: Registry, pool: AdapterPool, model: LlamaConfig, format: WeightFormat) -> Self {
-        Self { registry, pool, model, format, loading: Mutex::new(HashMap::new()) }
+    /// `model` and `tables` are the engine model's configuration and adapter table format
+    /// (`Llama::config`, `Llama::adapter_tables`).
+    pub fn new(registry: Registry, pool: AdapterPool, model: LlamaConfig, tables: Option<LoraTables>) -> Self {
+        Self { registry, pool, model, tables, loading: Mutex::new(HashMap::new()) }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -74,7 +74,7 @@ impl AdapterStore {
     fn read(&self, path: &Path, name: &str) -> Result<PreparedAdapter, StoreError> {
         let fail = |e: flora_model::ModelError| StoreError::Load { name: name.to_string(), msg: e.to_string() };
         let adapter = flora_model::peft::load_adapter_dir(path, name, &self.model).map_err(fail)?;
-        let prepared = PreparedAdapter::new(&self.model, &adapter, self.format == WeightFormat::Bf16).map_err(fail)?;
+        let prepared = PreparedAdapter::new(&self.model, &adapter, self.tables).map_err(fail)?;
         tracing::info!(adapter = %name, kind = %adapter.kind, rank = adapter.rank, bytes = prepared.bytes(), "adapter loaded");
         Ok(prepared)
     }

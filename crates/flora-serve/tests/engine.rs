@@ -23,7 +23,7 @@ fn engine(sched: SchedulerConfig) -> (EngineHandle, Arc<Tokenizer>, AdapterStore
     let ck = flora_model::weights::load(&path).unwrap();
     let tok = Arc::new(Tokenizer::from_gguf_content(ck.gguf.as_ref().unwrap()).unwrap());
     let model = Llama::from_checkpoint(ck).unwrap();
-    let store = AdapterStore::new(Registry::new(Some(testdata().join("peft"))).unwrap(), AdapterPool::new(1 << 30), model.config().clone(), model.weight_format());
+    let store = AdapterStore::new(Registry::new(Some(testdata().join("peft"))).unwrap(), AdapterPool::new(1 << 30), model.config().clone(), model.adapter_tables());
     (EngineHandle::start(model, tok.clone(), EngineConfig { scheduler: sched, max_waiting: 64 }), tok, store)
 }
 
@@ -121,7 +121,7 @@ fn shutdown_fails_what_cannot_finish_and_refuses_new_work() {
 fn concurrent_requests_for_an_absent_adapter_load_it_once() {
     let path = flora_model::default_model::resolve_model(None).unwrap();
     let model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
-    let store = AdapterStore::new(Registry::new(Some(testdata().join("peft"))).unwrap(), AdapterPool::new(1 << 30), model.config().clone(), model.weight_format());
+    let store = AdapterStore::new(Registry::new(Some(testdata().join("peft"))).unwrap(), AdapterPool::new(1 << 30), model.config().clone(), model.adapter_tables());
     let barrier = std::sync::Barrier::new(6);
     let got: Vec<Arc<LoadedAdapter>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..6)

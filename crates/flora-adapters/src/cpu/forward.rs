@@ -18,7 +18,7 @@ use super::bf16::PackedBf16;
 use super::matmul::{matmul, MatRef};
 use super::vecops::{axpy, dot, mul_acc, mul_into, scale_by, with_scratch};
 use crate::batch::Segment;
-use crate::params::SlotSpec;
+use crate::params::{Bf16Tables, SlotSpec};
 use crate::plan::{LayerPlan, SegmentExec};
 use rayon::prelude::*;
 
@@ -47,8 +47,8 @@ impl BaseRef<'_> {
 }
 
 /// `y [n, d_out]` for `x [n, d_in]`.
-/// `params16`: the same parameters as bf16, when the table was packed for bf16 inference.
-pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan) -> Vec<f32> {
+/// `params16`: the table's bf16 copy, when it was packed for bf16 inference.
+pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&Bf16Tables>, plan: &LayerPlan) -> Vec<f32> {
     let (n, di, dout) = (plan.n_rows, plan.d_in, plan.d_out);
     let wt = base.wt;
     assert_eq!(x.len(), n * di, "forward: x has {} values, expected {n}x{di}", x.len());
@@ -100,7 +100,7 @@ pub struct Pooled<'a> {
 /// A projection's adapter tables (f32, and the bf16 copy LoRA reads) and plan.
 pub struct PooledAdapters<'a> {
     pub params: &'a [f32],
-    pub params16: &'a [u16],
+    pub params16: &'a Bf16Tables,
     pub plan: &'a LayerPlan,
 }
 
@@ -136,6 +136,9 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
     if n > 0 {
         super::bf16::round_rows(&mut x16, x, di, n, di);
     }
+    // And quantized once for every 8-bit LoRA shrink, if any.
+    let int8 = lora.iter().any(|&(pi, _, _)| projs[pi].adapters.as_ref().is_some_and(|a| a.params16.lora.int8_at(di, projs[pi].packed.n())));
+    let xq = int8.then(|| super::lora_int8::QuantizedRows::new(x, di));
     // Each LoRA segment's terms `[len, d_out]`, in the order of `lora` (reused scratch: fresh
     // pages per call cost page faults).
     let terms_len = lora.iter().map(|&(pi, seg, _)| seg.len * projs[pi].packed.n()).sum();
@@ -157,9 +160,8 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
             let Some(&(pi, seg, spec)) = lora.get(k) else { return false };
             let _flag = super::team::FlagOnUnwind(&lora_failed);
             let (dout, p16) = (projs[pi].packed.n(), projs[pi].adapters.as_ref().expect("LoRA has tables").params16);
-            let (a16, bt16) = spec.parts(p16, di, dout);
-            let x16 = &x16[seg.start * kp..(seg.start + seg.len) * kp];
-            super::lora_bf16::terms(&mut parts[k].lock().expect("one writer per segment"), x16, a16, bt16, spec.rank, spec.scale, di, dout);
+            let rows = LoraRows { x16: &x16[seg.start * kp..(seg.start + seg.len) * kp], xq: xq.as_ref().map(|q| q.rows(seg.start, seg.len, di)) };
+            lora_slot_terms(&mut parts[k].lock().expect("one writer per segment"), rows, p16, spec, di, dout);
             lora_done[k].store(true, std::sync::atomic::Ordering::Release);
             true
         };
@@ -322,7 +324,7 @@ pub(crate) fn merged_weight(wm: &mut [f32], wt: &[f32], spec: &SlotSpec, params:
 
 /// Step 3: LoRA shrink/expand and IA3 output scaling, segments in parallel when worth it.
 /// `beside`: LoRA was done beside the GEMM ([`forward_pooled`]).
-fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPlan, y: &mut [f32], beside: bool) {
+fn epilogues(x: &[f32], params: &[f32], params16: Option<&Bf16Tables>, plan: &LayerPlan, y: &mut [f32], beside: bool) {
     let (di, dout) = (plan.d_in, plan.d_out);
     let mine = |e: &SegmentExec| matches!(e, SegmentExec::Lora(_) | SegmentExec::Ia3Out(_)) && !(beside && beside_gemm(e));
     let work: usize = plan
@@ -362,15 +364,14 @@ fn epilogues(x: &[f32], params: &[f32], params16: Option<&[u16]>, plan: &LayerPl
 
 /// `ys [len, d_out] += scale * (xs A^T) B^T` with A `[r, d_in]`, B^T `[r, d_out]` of the slot.
 #[allow(clippy::too_many_arguments)]
-fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params16: Option<&[u16]>, len: usize, di: usize, dout: usize) {
+fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params16: Option<&Bf16Tables>, len: usize, di: usize, dout: usize) {
     let (a, bt) = spec.parts(params, di, dout);
     let r = spec.rank;
     if let Some(p16) = params16 {
-        // bf16 inference: the bf16 copy (half the bytes), row by row at every length, so a
-        // row's output does not depend on its segment's length (the tables of one segment stay
-        // in cache across its rows).
-        let (a16, bt16) = spec.parts(p16, di, dout);
-        lora_rows_bf16(ys, xs, a16, bt16, spec, di, dout)
+        // bf16 inference: the bf16 copy (half the bytes or less), row by row at every length,
+        // so a row's output does not depend on its segment's length (the tables of one segment
+        // stay in cache across its rows).
+        lora_rows_bf16(ys, xs, p16, spec, di, dout)
     } else if len <= LORA_ROW_LOOP_MAX {
         lora_rows(ys, xs, a, bt, spec, di, dout)
     } else {
@@ -380,22 +381,45 @@ fn lora_add(ys: &mut [f32], xs: &[f32], spec: &SlotSpec, params: &[f32], params1
     }
 }
 
-/// [`lora_rows`] over bf16 tables (bf16 inference): the rows are rounded to bf16 like the
-/// base GEMM's input, and the terms ([`super::lora_bf16::terms`]) are summed on their own
-/// and then added to the base output, as [`forward_pooled`] does: a LoRA row gets the same bits
-/// whichever path its step takes (the pooled one when every row enters the GEMM unchanged,
-/// this one beside fLoRA or input-side IA3 rows).
-#[allow(clippy::too_many_arguments)]
-fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], a16: &[u16], bt16: &[u16], spec: &SlotSpec, di: usize, dout: usize) {
+/// [`lora_rows`] over the bf16 copy (bf16 inference): the terms ([`lora_slot_terms`]) are
+/// summed on their own and then added to the base output, as [`forward_pooled`] does: a LoRA
+/// row gets the same bits whichever path its step takes (the pooled one when every row enters
+/// the GEMM unchanged, this one beside fLoRA or input-side IA3 rows).
+fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], p16: &Bf16Tables, spec: &SlotSpec, di: usize, dout: usize) {
     let rows = xs.len() / di;
-    let mut x16 = vec![0u32; rows * di.div_ceil(2)];
-    if rows > 0 {
+    // The rows as the slot's kernel reads them: rounded to bf16 (like the base GEMM's input)
+    // or quantized for the 8-bit shrink.
+    let (mut x16, mut xq) = (Vec::new(), None);
+    if p16.lora.int8_at(di, dout) {
+        xq = Some(super::lora_int8::QuantizedRows::new(xs, di));
+    } else if rows > 0 {
+        x16.resize(rows * di.div_ceil(2), 0u32);
         super::bf16::round_rows(&mut x16, xs, di, rows, di);
     }
     with_scratch(LORA_TERMS, rows * dout, |terms| {
-        super::lora_bf16::terms(terms, &x16, a16, bt16, spec.rank, spec.scale, di, dout);
+        lora_slot_terms(terms, LoraRows { x16: &x16, xq: xq.as_ref().map(|q| q.rows(0, rows, di)) }, p16, spec, di, dout);
         axpy(ys, 1.0, terms);
     });
+}
+
+/// A LoRA segment's rows in the forms its kernel may read: bf16 pairs (`[len, ceil(d_in / 2)]`)
+/// for bf16 tables, quantized (`qx [len, d_in]`, `sx [len]`) for 8-bit ones.
+struct LoraRows<'a> {
+    x16: &'a [u32],
+    xq: Option<(&'a [i16], &'a [f32])>,
+}
+
+/// A LoRA slot's terms `ys [len, d_out] = scale * B^T (A x)` from the bf16 copy, by the kernel
+/// of the slot's format there.
+fn lora_slot_terms(ys: &mut [f32], rows: LoraRows, p16: &Bf16Tables, spec: &SlotSpec, di: usize, dout: usize) {
+    if p16.lora.int8_at(di, dout) {
+        let (qx, sx) = rows.xq.expect("8-bit tables get quantized rows");
+        let range = spec.offset..spec.offset + spec.rank * (di + dout);
+        super::lora_int8::terms(ys, qx, sx, &p16.values[range.clone()], &p16.ints[range], spec.rank, spec.scale, di, dout);
+    } else {
+        let (a, bt) = spec.parts(&p16.values, di, dout);
+        super::lora_bf16::terms(ys, rows.x16, a, bt, spec.rank, spec.scale, di, dout);
+    }
 }
 
 /// Short segments of [`lora_add`] with f32 tables: per row, `t = scale * A x` by dots, then

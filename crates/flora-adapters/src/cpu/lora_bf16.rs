@@ -24,14 +24,14 @@ use super::bf16::bf16_to_f32;
 use super::bf16::has_native_bf16;
 
 /// Rank rows whose shrink runs together.
-const GROUP: usize = 8;
+pub(super) const GROUP: usize = 8;
 /// Inputs per shrink chunk: one 512-bit load of bf16 values.
-const CHUNK: usize = 32;
+pub(super) const CHUNK: usize = 32;
 /// Outputs per expansion block: four 16-lane accumulators.
-const BLOCK: usize = 64;
+pub(super) const BLOCK: usize = 64;
 
 /// Position in the arranged in part of A's value `(j, i)` (rank row j, input i).
-fn a_index(j: usize, i: usize, r: usize, d_in: usize) -> usize {
+pub(super) fn a_index(j: usize, i: usize, r: usize, d_in: usize) -> usize {
     let (q, jj) = (j / GROUP, j % GROUP);
     let g = GROUP.min(r - q * GROUP);
     let full = d_in / CHUNK * CHUNK;
@@ -44,7 +44,7 @@ fn a_index(j: usize, i: usize, r: usize, d_in: usize) -> usize {
 }
 
 /// Position in the arranged out part of B^T's value `(j, c)` (rank row j, output c).
-fn b_index(j: usize, c: usize, r: usize, d_out: usize) -> usize {
+pub(super) fn b_index(j: usize, c: usize, r: usize, d_out: usize) -> usize {
     let full = d_out / BLOCK * BLOCK;
     if c < full {
         (c / BLOCK) * r * BLOCK + j * BLOCK + c % BLOCK

@@ -5,6 +5,7 @@ pub mod backward;
 pub mod bf16;
 pub mod forward;
 pub mod lora_bf16;
+pub mod lora_int8;
 pub mod matmul;
 pub mod skinny;
 pub mod team;

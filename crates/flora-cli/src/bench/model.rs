@@ -2,26 +2,40 @@
 //! base-only and with distinct adapters per sequence, and peak memory.
 
 use anyhow::Result;
-use flora_adapters::{AdapterKind, WeightFormat};
+use flora_adapters::{AdapterKind, LoraTables, WeightFormat};
 use flora_model::adapters::Adapter;
 use flora_model::{Llama, Logits, SeqStep};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-/// An adapter setting of the sweep: kind and rank (None: base model only).
+/// An adapter setting of the sweep: kind and rank (None: base model only), and how bf16
+/// inference stores LoRA tables (measured with bf16 weights only).
 #[derive(Clone, Copy)]
 struct Setting {
     kind: Option<AdapterKind>,
     rank: usize,
+    lora_tables: LoraTables,
 }
 
 impl Setting {
+    const BASE: Self = Self { kind: None, rank: 0, lora_tables: LoraTables::Bf16 };
+
+    fn new(kind: AdapterKind, rank: usize) -> Self {
+        Self { kind: Some(kind), rank, lora_tables: LoraTables::Bf16 }
+    }
+
     fn label(&self) -> String {
-        match self.kind {
-            None => "base".into(),
-            Some(k) => format!("{k}-r{}", self.rank),
+        match (self.kind, self.lora_tables) {
+            (None, _) => "base".into(),
+            (Some(AdapterKind::Lora), LoraTables::Int8) => format!("lora-r{}-int8", self.rank),
+            (Some(k), _) => format!("{k}-r{}", self.rank),
         }
+    }
+
+    /// Whether the setting means something with `format` weights (f32 tables have no 8 bits).
+    fn applies_to(&self, format: WeightFormat) -> bool {
+        self.lora_tables == LoraTables::Bf16 || format == WeightFormat::Bf16
     }
 }
 
@@ -158,19 +172,22 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
     // Bandwidth is read before and after the sweep and the higher reading is the limit (the
     // machine is shared: a low reading would flatter the batch-1 ratio).
     let bandwidth_before = read_bandwidth_gb_s();
+    let lora_int8 = Setting { lora_tables: LoraTables::Int8, ..Setting::new(AdapterKind::Lora, 8) };
     let settings: Vec<Setting> = if quick {
-        vec![Setting { kind: None, rank: 0 }, Setting { kind: Some(AdapterKind::Lora), rank: 8 }, Setting { kind: Some(AdapterKind::Flora), rank: 1 }]
+        vec![Setting::BASE, Setting::new(AdapterKind::Lora, 8), lora_int8, Setting::new(AdapterKind::Flora, 1)]
     } else {
         vec![
-            Setting { kind: None, rank: 0 },
-            Setting { kind: Some(AdapterKind::Lora), rank: 8 },
-            Setting { kind: Some(AdapterKind::Flora), rank: 1 },
-            Setting { kind: Some(AdapterKind::Flora), rank: 2 },
-            Setting { kind: Some(AdapterKind::Flora), rank: 4 },
+            Setting::BASE,
+            Setting::new(AdapterKind::Lora, 8),
+            lora_int8,
+            Setting::new(AdapterKind::Flora, 1),
+            Setting::new(AdapterKind::Flora, 2),
+            Setting::new(AdapterKind::Flora, 4),
         ]
     };
     let mut rows = Vec::new();
-    let progress = indicatif::ProgressBar::new((formats.len() * batches.len() * settings.len()) as u64)
+    let n_settings: usize = formats.iter().map(|&f| settings.iter().filter(|s| s.applies_to(f)).count()).sum();
+    let progress = indicatif::ProgressBar::new((n_settings * batches.len()) as u64)
         .with_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}").expect("template"));
     for &format in formats {
         model.set_weight_format(format)?;
@@ -179,8 +196,9 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
             // in rounds that step each setting once, so drift on the shared machine reaches
             // the base and the adapter settings alike and the ratios compare like with like.
             let mut runs = Vec::with_capacity(settings.len());
-            for &s in &settings {
+            for &s in settings.iter().filter(|s| s.applies_to(format)) {
                 progress.set_message(format!("{format}, batch {b}, {}: prefill", s.label()));
+                model.set_lora_tables(s.lora_tables);
                 let mut run = SettingRun::new(&model, s, b, prompt_len)?;
                 let t = Instant::now();
                 run.step(&model)?;
@@ -367,15 +385,17 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
         } else {
             8
         };
-        if let Some(l) = find(f, b, "lora-r8") {
-            let ratio = l.ratio_to_base;
-            line(
-                format!("{b} distinct LoRA r=8 decode vs base"),
-                f,
-                format!("{ratio:.3}x"),
-                ">= 0.85x".into(),
-                ratio >= 0.85,
-            );
+        for (setting, tables) in [("lora-r8", ""), ("lora-r8-int8", ", 8-bit tables")] {
+            if let Some(l) = find(f, b, setting) {
+                let ratio = l.ratio_to_base;
+                line(
+                    format!("{b} distinct LoRA r=8 decode vs base{tables}"),
+                    f,
+                    format!("{ratio:.3}x"),
+                    ">= 0.85x".into(),
+                    ratio >= 0.85,
+                );
+            }
         }
     }
     let _ = writeln!(md, "\nPeak resident memory: {:.0} MiB ({:.0} MiB after loading the model in f32; bf16 adds a packed copy of every projection and the LM head, half the f32 size).", cx.peak, cx.rss_loaded);
