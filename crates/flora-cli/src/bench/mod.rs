@@ -33,7 +33,8 @@ pub enum BenchCommand {
         ranks: Option<Vec<usize>>,
     },
     /// The real model: prefill and decode tokens/s at batch 1, 8, 32, base-only and with a
-    /// distinct adapter per sequence (LoRA r=8, fLoRA r=1, 2, 4), and peak memory.
+    /// distinct adapter per sequence (LoRA r=8 with bf16 and with 8-bit tables, fLoRA r=1, 2,
+    /// 4), and peak memory.
     /// Writes DIR/model.csv and DIR/model.md.
     Model {
         #[arg(long, help = crate::load::MODEL_HELP)]
@@ -56,6 +57,9 @@ pub enum BenchCommand {
         /// Weight formats to measure, in order (comma-separated): f32, bf16.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
         weights: Vec<flora_adapters::WeightFormat>,
+        /// Rank of the LoRA adapters (the model issue's targets are for rank 8).
+        #[arg(long, default_value_t = 8)]
+        lora_rank: usize,
     },
     /// The HTTP server under load: base vs LoRA vs fLoRA at each rank (the paper's serving
     /// analysis), the adapter pool under Zipf traffic over many adapters, or a soak with clients
@@ -85,15 +89,15 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Layers { quick, out, budget, dims, ranks } => layers::run(quick, &out, budget, dims, ranks),
-        BenchCommand::Model { model, out, quick, prompt_len, decode_steps, batches, weights } => {
-            if prompt_len == 0 || decode_steps == 0 {
-                anyhow::bail!("--prompt-len and --decode-steps must be positive");
+        BenchCommand::Model { model, out, quick, prompt_len, decode_steps, batches, weights, lora_rank } => {
+            if prompt_len == 0 || decode_steps == 0 || lora_rank == 0 {
+                anyhow::bail!("--prompt-len, --decode-steps and --lora-rank must be positive");
             }
             if batches.as_ref().is_some_and(|b| b.is_empty() || b.contains(&0)) {
                 anyhow::bail!("--batches must list positive batch sizes");
             }
             let batches = batches.unwrap_or_else(|| if quick { vec![1, 8] } else { vec![1, 8, 32] });
-            model::run(model.as_deref(), &out, quick, prompt_len, decode_steps, &batches, &weights)
+            model::run(model.as_deref(), &out, &model::Sweep { quick, prompt_len, decode_steps, batches: &batches, formats: &weights, lora_rank })
         }
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Train { model, out, quick, seq_len, steps } => {

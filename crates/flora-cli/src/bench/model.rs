@@ -164,7 +164,19 @@ fn weight_bytes_per_token(cfg: &flora_model::LlamaConfig, format: WeightFormat) 
     params as f64 * if format == WeightFormat::Bf16 { 2.0 } else { 4.0 }
 }
 
-pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize, decode_steps: usize, batches: &[usize], formats: &[WeightFormat]) -> Result<()> {
+/// What `run` measures: batch sizes, weight formats, the LoRA settings' rank, and the
+/// prompt and decode lengths (`quick`: fewer adapter settings).
+pub struct Sweep<'a> {
+    pub quick: bool,
+    pub prompt_len: usize,
+    pub decode_steps: usize,
+    pub batches: &'a [usize],
+    pub formats: &'a [WeightFormat],
+    pub lora_rank: usize,
+}
+
+pub fn run(model_path: Option<&Path>, out: &Path, sweep: &Sweep) -> Result<()> {
+    let &Sweep { quick, prompt_len, decode_steps, batches, formats, lora_rank } = sweep;
     std::fs::create_dir_all(out)?;
     let path = flora_model::default_model::resolve_model(model_path)?;
     let mut model = Llama::from_checkpoint(flora_model::weights::load(&path)?)?;
@@ -172,13 +184,13 @@ pub fn run(model_path: Option<&Path>, out: &Path, quick: bool, prompt_len: usize
     // Bandwidth is read before and after the sweep and the higher reading is the limit (the
     // machine is shared: a low reading would flatter the batch-1 ratio).
     let bandwidth_before = read_bandwidth_gb_s();
-    let lora_int8 = Setting { lora_tables: LoraTables::Int8, ..Setting::new(AdapterKind::Lora, 8) };
+    let lora_int8 = Setting { lora_tables: LoraTables::Int8, ..Setting::new(AdapterKind::Lora, lora_rank) };
     let settings: Vec<Setting> = if quick {
-        vec![Setting::BASE, Setting::new(AdapterKind::Lora, 8), lora_int8, Setting::new(AdapterKind::Flora, 1)]
+        vec![Setting::BASE, Setting::new(AdapterKind::Lora, lora_rank), lora_int8, Setting::new(AdapterKind::Flora, 1)]
     } else {
         vec![
             Setting::BASE,
-            Setting::new(AdapterKind::Lora, 8),
+            Setting::new(AdapterKind::Lora, lora_rank),
             lora_int8,
             Setting::new(AdapterKind::Flora, 1),
             Setting::new(AdapterKind::Flora, 2),
@@ -297,7 +309,7 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
         rayon::current_num_threads(),
         cx.bandwidth
     );
-    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each (each round starting one setting further on), so machine drift reaches all alike. Decode vs base = the median over rounds of the base's step time over the setting's in the same round. At batch 1 every round starts with a bandwidth reading (the same threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it (median over the rounds). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer.");
+    let _ = writeln!(md, "Decode tok/s = batch / the median time of a decode step (each step includes the greedy pick from the logits); the settings of a batch size are prefilled, then decoded in rounds of one step each (each round starting one setting further on), so machine drift reaches all alike. Decode vs base = the median over rounds of the base's step time over the setting's in the same round. At batch 1 every round starts with a bandwidth reading (the same threads, best of 2 passes over 256 MiB), and the batch-1 target sets each round's base decode rate against the limit read just before it (median over the rounds). Adapters: one distinct adapter per sequence (up to 32) on all 7 projections of every layer; `-int8` rows keep LoRA's tables in 8 bits (`--lora-tables int8`, bf16 weights only).");
     let formats: Vec<WeightFormat> = rows.iter().fold(Vec::new(), |mut v, r| {
         if !v.contains(&r.format) {
             v.push(r.format);
