@@ -213,7 +213,8 @@ impl LayerAdapters {
         if present().any(|p| Some(p.halves.as_ref().map(|h| h.lora)) != format || p.d_in != d_in || p.d_out != d_out) {
             return Err(AdapterError::BadBatch { layer: name.to_string(), msg: "prepared slots differ in number format or projection shape".into() });
         }
-        let total: usize = present().map(|p| p.values.len()).sum();
+        let slot_len = |p: &SlotParts| p.spec.in_len(d_in) + p.spec.out_len(d_out);
+        let total: usize = present().map(|p| slot_len(p)).sum();
         let mut values = Vec::with_capacity(total);
         // Written in place (an `Arc<[u16]>` made from a Vec would copy it once more).
         let mut halves = Arc::<[u16]>::new_uninit_slice(if bf16 { total } else { 0 });
@@ -223,23 +224,26 @@ impl LayerAdapters {
         let mut specs = Vec::with_capacity(slots.len());
         for slot in slots {
             specs.push(slot.map(|p| {
-                let spec = SlotSpec { offset: values.len(), ..p.spec };
+                let (at, len) = (values.len(), slot_len(p));
+                let spec = SlotSpec { offset: at, ..p.spec };
+                // What a prepared slot does not keep (see `SlotParts::new`) is zero.
                 if let Some(h) = &p.halves {
-                    debug_assert_eq!(h.values.len(), p.values.len(), "a slot's bf16 copy covers its values");
-                    for (o, &v) in halves_out[values.len()..values.len() + h.values.len()].iter_mut().zip(h.values.iter()) {
+                    let kept = h.values.iter().copied().chain(std::iter::repeat(0));
+                    for (o, v) in halves_out[at..at + len].iter_mut().zip(kept) {
                         o.write(v);
                     }
                     if int8 {
-                        ints[values.len()..values.len() + h.ints.len()].copy_from_slice(&h.ints);
+                        ints[at..at + h.ints.len()].copy_from_slice(&h.ints);
                     }
                 }
                 values.extend_from_slice(&p.values);
+                values.resize(at + len, 0.0);
                 spec
             }));
         }
         assert_eq!(values.len(), total);
-        // SAFETY: with bf16, every slot wrote its halves at the offsets of its values, and the
-        // values cover 0..total; without, the slice is empty.
+        // SAFETY: with bf16, every slot wrote its halves over its whole range, and the slots
+        // cover 0..total; without, the slice is empty.
         let halves = unsafe { halves.assume_init() };
         let params = Tensor::from_vec(values, total, device)?;
         Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params, bf16: format.flatten().map(|lora| Bf16Tables { values: halves, lora, ints: ints.into() }) })
@@ -282,10 +286,11 @@ impl LayerAdapters {
     /// bf16 copy (same slot offsets; a LoRA slot's values in the order its kernel reads them,
     /// see [`crate::cpu::lora_bf16`]) that the per-row LoRA loops of decode steps stream: half
     /// the bytes, and at 32 distinct adapters a decode step reads more adapter bytes than base
-    /// weights. With `lora` = [`LoraTables::Int8`], LoRA slots are quantized to 8 bits in
-    /// their region of the copy instead (a quarter of the f32 bytes), and their f32 values
-    /// become the quantized ones. Every path computes with the same values, so a row's result
-    /// does not depend on how its sequence was batched or chunked (up to f32 summation order).
+    /// weights. With `lora` = [`LoraTables::Int8`], LoRA slots are quantized to 8 bits into a
+    /// byte table instead (a quarter of the f32 bytes), their region of the copy holding only
+    /// their scales. LoRA slots' f32 values are not kept (zeros): no inference path reads them.
+    /// Every path computes with the same values, so a row's result does not depend on how its
+    /// sequence was batched or chunked (up to f32 summation order).
     pub fn with_bf16_tables(&self, lora: LoraTables) -> Result<Self> {
         let (halves, ints, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
             let mut rounded = values.to_vec();
@@ -379,14 +384,23 @@ impl SlotParts {
         }
         let halves = bf16.map(|lora| {
             let mut halves = crate::cpu::bf16::round_in_place(&mut values);
-            let mut ints = if lora == LoraTables::Int8 { vec![0u8; values.len()] } else { Vec::new() };
+            let int8 = spec.kind == SlotKind::Lora && lora.int8_at(d_in, d_out);
+            let mut ints = if int8 { vec![0u8; values.len()] } else { Vec::new() };
             arrange_for_kernel(&spec, &mut halves, &mut ints, &mut values, d_in, d_out, lora);
+            // Only what inference reads is kept (the pool's bytes): a LoRA slot's copy, not its
+            // f32 values; with 8 bits, its integers and scales.
+            if spec.kind == SlotKind::Lora {
+                values.clear();
+            }
+            if int8 {
+                halves.truncate(crate::cpu::lora_int8::scale_values(spec.rank));
+            }
             Bf16Tables { values: halves.into(), lora, ints: ints.into() }
         });
         Ok(Self { spec, d_in, d_out, values: values.into(), halves })
     }
 
-    /// Bytes held (values and their bf16 copy).
+    /// Bytes held (values and their bf16 copy, as far as the slot keeps them).
     pub fn bytes(&self) -> usize {
         self.values.len() * 4 + self.halves.as_ref().map_or(0, Bf16Tables::bytes)
     }
@@ -394,15 +408,18 @@ impl SlotParts {
 
 /// Lays a slot's bf16 copy (`halves`, of the slot's bf16-rounded `values`) out for its kernel:
 /// LoRA slots in [`crate::cpu::lora_bf16`]'s order, or quantized by [`crate::cpu::lora_int8`]
-/// into `ints` (the slot's bytes of the byte table; then `values` become the quantized ones);
-/// the other kinds keep the table's own.
+/// into `ints` (the slot's bytes of the byte table; its region of `halves` then holds its
+/// scales, the rest zero), their f32 `values` zeroed (no inference path reads them); the other
+/// kinds keep the table's own.
 fn arrange_for_kernel(spec: &SlotSpec, halves: &mut [u16], ints: &mut [u8], values: &mut [f32], d_in: usize, d_out: usize, lora: LoraTables) {
     if spec.kind == SlotKind::Lora {
         if lora.int8_at(d_in, d_out) {
             crate::cpu::lora_int8::quantize(halves, ints, values, spec.rank, d_in, d_out);
+            halves[crate::cpu::lora_int8::scale_values(spec.rank)..].fill(0);
         } else {
             crate::cpu::lora_bf16::arrange(halves, spec.rank, d_in, d_out);
         }
+        values.fill(0.0);
     }
 }
 
@@ -473,6 +490,14 @@ mod tests {
             assert_eq!(got.slots(), want.slots());
             assert_eq!(got.params().to_vec1::<f32>().unwrap(), want.params().to_vec1::<f32>().unwrap());
             assert_eq!(got.bf16_params().map(|h| (h.values.to_vec(), h.lora, h.ints.to_vec())), want.bf16_params().map(|h| (h.values.to_vec(), h.lora, h.ints.to_vec())));
+        }
+        // A prepared LoRA slot keeps what inference reads: f32 values, or its bf16 copy alone,
+        // or its integers and scales; other kinds keep f32 values and a bf16 copy.
+        let len = 3 * (d_in + d_out);
+        for (bf16, lora_bytes) in [(None, 4 * len), (Some(LoraTables::Bf16), 2 * len), (Some(LoraTables::Int8), len + 2 * 4 * 3)] {
+            assert_eq!(SlotParts::new("p", "a", d_in, d_out, &weights[0], bf16).unwrap().bytes(), lora_bytes, "{bf16:?}");
+            let flora = SlotParts::new("p", "b", d_in, d_out, &weights[1], bf16).unwrap();
+            assert_eq!(flora.bytes(), 2 * (d_in + d_out) * if bf16.is_some() { 6 } else { 4 }, "{bf16:?}");
         }
         // Formats do not mix, and parts belong to one projection shape.
         let f32_part = SlotParts::new("p", "a", d_in, d_out, &weights[0], None).unwrap();

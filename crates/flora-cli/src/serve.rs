@@ -28,8 +28,8 @@ pub struct ServeArgs {
     pub port: u16,
     /// Bytes of adapter weights kept in memory (suffixes K, M, G allowed); least recently used
     /// adapters that no request is using are evicted beyond it. Counts adapters as inference
-    /// holds them: f32 weights, plus their bf16 copy with bf16 weights (1.5x; 1.75x with
-    /// --lora-tables int8, whose integers sit beside the copy).
+    /// holds them: f32 weights; with bf16 weights, LoRA's bf16 copy alone (0.5x; 0.25x with
+    /// --lora-tables int8), fLoRA's and IA3's f32 weights plus a bf16 copy (1.5x).
     #[arg(long, default_value = "1G", value_parser = parse_bytes)]
     pub max_pool_bytes: usize,
     /// Most tokens (prefill chunks + decodes) in one model step.

@@ -66,6 +66,11 @@ fn bytes_mut(region: &mut [u16]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(region.as_mut_ptr() as *mut u8, region.len() * 2) }
 }
 
+/// The `u16` values at the start of a slot's region of the bf16 copy that hold its scales.
+pub fn scale_values(r: usize) -> usize {
+    4 * r
+}
+
 /// Scale k of a slot (sA_0.. sA_{r-1}, then sB_0..), from its region of the bf16 copy.
 fn scale_at(region: &[u8], k: usize) -> f32 {
     f32::from_le_bytes(region[4 * k..4 * k + 4].try_into().expect("4 bytes"))
@@ -90,7 +95,7 @@ fn quantize_rows(out: &mut [u8], plain: &mut [f32], r: usize, d: usize, index: i
 
 /// Lays a LoRA slot out in 8 bits: `values = [A [r, d_in], B^T [r, d_out]]` (plain, f32) as
 /// integers into `ints` (the slot's bytes of the byte table) and scales into `slot16` (its
-/// region of the bf16 copy); `values` become the quantized values.
+/// region of the bf16 copy; its first [`scale_values`]); `values` become the quantized values.
 pub fn quantize(slot16: &mut [u16], ints: &mut [u8], values: &mut [f32], r: usize, d_in: usize, d_out: usize) {
     let len = r * (d_in + d_out);
     assert!(fits(d_in, d_out), "lora_int8: {d_in} -> {d_out} leaves no room for scales");
