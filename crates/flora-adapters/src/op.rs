@@ -324,6 +324,10 @@ impl CustomOp2 for AdaptedLinearOp {
     }
 
     fn bwd(&self, x: &Tensor, params: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.params16.is_some() {
+            // Tables packed for bf16 inference keep LoRA's values only in their bf16 copy.
+            candle_core::bail!("layer {}: backward through adapter tables packed for bf16 inference (pack f32 tables to train)", self.name);
+        }
         let plan = &*self.plan;
         let grad = grad.contiguous()?;
         let x = x.contiguous()?;

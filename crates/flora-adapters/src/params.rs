@@ -219,7 +219,8 @@ impl LayerAdapters {
         // Written in place (an `Arc<[u16]>` made from a Vec would copy it once more).
         let mut halves = Arc::<[u16]>::new_uninit_slice(if bf16 { total } else { 0 });
         let halves_out = Arc::get_mut(&mut halves).expect("a new Arc is unique");
-        let int8 = format.flatten() == Some(LoraTables::Int8);
+        // The byte table only where some slot has 8-bit integers.
+        let int8 = present().any(|p| p.halves.as_ref().is_some_and(|h| !h.ints.is_empty()));
         let mut ints = if int8 { vec![0u8; total] } else { Vec::new() };
         let mut specs = Vec::with_capacity(slots.len());
         for slot in slots {
@@ -282,9 +283,9 @@ impl LayerAdapters {
         &self.params
     }
 
-    /// For bf16 inference: the parameters rounded to bf16, kept both as f32 values and as a
-    /// bf16 copy (same slot offsets; a LoRA slot's values in the order its kernel reads them,
-    /// see [`crate::cpu::lora_bf16`]) that the per-row LoRA loops of decode steps stream: half
+    /// For bf16 inference (no backward): the parameters rounded to bf16, kept as f32 values
+    /// and as a bf16 copy (same slot offsets; a LoRA slot's values in the order its kernel
+    /// reads them, see [`crate::cpu::lora_bf16`]) that the per-row LoRA loops stream: half
     /// the bytes, and at 32 distinct adapters a decode step reads more adapter bytes than base
     /// weights. With `lora` = [`LoraTables::Int8`], LoRA slots are quantized to 8 bits into a
     /// byte table instead (a quarter of the f32 bytes), their region of the copy holding only
@@ -295,7 +296,8 @@ impl LayerAdapters {
         let (halves, ints, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
             let mut rounded = values.to_vec();
             let mut halves = crate::cpu::bf16::round_in_place(&mut rounded);
-            let mut ints = if lora == LoraTables::Int8 { vec![0u8; rounded.len()] } else { Vec::new() };
+            let int8 = self.slots.iter().flatten().any(|s| s.kind == SlotKind::Lora && lora.int8_at(self.d_in, self.d_out));
+            let mut ints = if int8 { vec![0u8; rounded.len()] } else { Vec::new() };
             for spec in self.slots.iter().flatten() {
                 let len = spec.in_len(self.d_in) + spec.out_len(self.d_out);
                 let range = spec.offset..spec.offset + len;
@@ -499,6 +501,23 @@ mod tests {
             let flora = SlotParts::new("p", "b", d_in, d_out, &weights[1], bf16).unwrap();
             assert_eq!(flora.bytes(), 2 * (d_in + d_out) * if bf16.is_some() { 6 } else { 4 }, "{bf16:?}");
         }
+        // In bf16 tables LoRA's f32 values are zero (no inference path reads them; the forward
+        // tests against the reference pass over such tables), the other kinds' are kept.
+        for lora in [LoraTables::Bf16, LoraTables::Int8] {
+            let packed = reference.with_bf16_tables(lora).unwrap();
+            let (values, original) = (packed.params().to_vec1::<f32>().unwrap(), reference.params().to_vec1::<f32>().unwrap());
+            for spec in packed.slots().iter().flatten() {
+                let range = spec.offset..spec.offset + spec.in_len(d_in) + spec.out_len(d_out);
+                let zero = values[range.clone()].iter().all(|&v| v == 0.0);
+                assert_eq!(zero, spec.kind == SlotKind::Lora, "{lora}: {:?} slot", spec.kind);
+                assert!(spec.kind == SlotKind::Lora || values[range.clone()].iter().zip(&original[range]).all(|(v, o)| (v - o).abs() <= o.abs() / 128.0));
+            }
+        }
+        // Projections too small for 8-bit scales keep bf16 LoRA tables.
+        let tiny = LayerAdapters::pack("p", 1, 2, &[Some(("a", &AdapterWeights::Lora { a: t(&[3, 1], 1), b: t(&[2, 3], 2), scale: 0.5 }))], &Device::Cpu).unwrap();
+        let (as_bf16, as_int8) = (tiny.with_bf16_tables(LoraTables::Bf16).unwrap(), tiny.with_bf16_tables(LoraTables::Int8).unwrap());
+        assert_eq!(as_bf16.bf16_params().unwrap().values, as_int8.bf16_params().unwrap().values);
+        assert!(!LoraTables::Int8.int8_at(1, 2) && LoraTables::Int8.int8_at(2, 2));
         // Formats do not mix, and parts belong to one projection shape.
         let f32_part = SlotParts::new("p", "a", d_in, d_out, &weights[0], None).unwrap();
         let bf16_part = SlotParts::new("p", "b", d_in, d_out, &weights[1], Some(LoraTables::Bf16)).unwrap();

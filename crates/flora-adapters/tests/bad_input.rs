@@ -49,3 +49,22 @@ fn bad_batches_and_inputs_are_refused() {
     let y_base = adapted_linear(&x, &base, &AdapterBatch::base_only(3), None, &opts).unwrap();
     assert_eq!(y.to_vec2::<f32>().unwrap(), y_base.to_vec2::<f32>().unwrap());
 }
+
+#[test]
+fn backward_through_tables_packed_for_bf16_inference_is_refused() {
+    // Those tables keep LoRA's values only in their bf16 copy: a gradient through them would
+    // silently miss the adapter, so it is an error.
+    let dev = Device::Cpu;
+    let (d_in, d_out) = (8, 5);
+    let w = AdapterWeights::Lora { a: Tensor::ones((2, d_in), candle_core::DType::F32, &dev).unwrap(), b: Tensor::ones((d_out, 2), candle_core::DType::F32, &dev).unwrap(), scale: 1.0 };
+    let layer = LayerAdapters::pack("layers.3.q_proj", d_in, d_out, &[Some(("my-adapter", &w))], &dev).unwrap();
+    let base = BaseWeight::from_out_in(&Tensor::ones((d_out, d_in), candle_core::DType::F32, &dev).unwrap()).unwrap();
+    let x = candle_core::Var::from_tensor(&Tensor::ones((3, d_in), candle_core::DType::F32, &dev).unwrap()).unwrap();
+    let batch = AdapterBatch::uniform(3, 0);
+    let f32_tables = adapted_linear(x.as_tensor(), &base, &batch, Some(&layer), &ExecOptions::default()).unwrap();
+    assert!(f32_tables.sum_all().unwrap().backward().is_ok());
+    let bf16_tables = layer.with_bf16_tables(flora_adapters::LoraTables::Bf16).unwrap();
+    let y = adapted_linear(x.as_tensor(), &base, &batch, Some(&bf16_tables), &ExecOptions::default()).unwrap();
+    let msg = y.sum_all().unwrap().backward().unwrap_err().to_string();
+    assert!(msg.contains("layers.3.q_proj") && msg.contains("bf16 inference"), "{msg}");
+}

@@ -16,7 +16,7 @@
 //!
 //! AVX512-BF16 kernel where the CPU has it (`vdpbf16ps` for the shrink, up to 8 rank rows at
 //! once sharing each load of x; four 16-lane FMA chains per output block for the expansion);
-//! a portable loop over the same layout elsewhere. `reference` (tests) is the obvious version in f64
+//! a portable loop over the same layout elsewhere. `cpu::lora_reference` (tests) is the obvious version in f64
 //! over the plain layout, for tests.
 
 use super::bf16::bf16_to_f32;
@@ -44,7 +44,7 @@ pub(super) fn a_index(j: usize, i: usize, r: usize, d_in: usize) -> usize {
 }
 
 /// Position in the arranged out part of B^T's value `(j, c)` (rank row j, output c).
-pub(super) fn b_index(j: usize, c: usize, r: usize, d_out: usize) -> usize {
+fn b_index(j: usize, c: usize, r: usize, d_out: usize) -> usize {
     let full = d_out / BLOCK * BLOCK;
     if c < full {
         (c / BLOCK) * r * BLOCK + j * BLOCK + c % BLOCK
@@ -124,18 +124,6 @@ fn portable_row(y: &mut [f32], t: &mut [f32], xw: &[u32], a16: &[u16], bt16: &[u
     for (c, yc) in y.iter_mut().enumerate() {
         *yc = expand_one(t, bt16, c, d_out);
     }
-}
-
-/// The obvious version in f64 over the plain layout (A `[r, d_in]`, B^T `[r, d_out]` as f32
-/// values, `x [rows, d_in]`): `ys = scale * B^T (A x)`.
-#[cfg(test)]
-fn reference(x: &[f32], a: &[f32], bt: &[f32], r: usize, scale: f32, d_in: usize, d_out: usize) -> Vec<f32> {
-    let mut ys = Vec::with_capacity(x.len() / d_in * d_out);
-    for xr in x.chunks_exact(d_in) {
-        let t: Vec<f64> = (0..r).map(|j| (0..d_in).map(|i| a[j * d_in + i] as f64 * xr[i] as f64).sum::<f64>() * scale as f64).collect();
-        ys.extend((0..d_out).map(|c| (0..r).map(|j| t[j] * bt[j * d_out + c] as f64).sum::<f64>() as f32));
-    }
-    ys
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -261,7 +249,7 @@ mod tests {
             for (y, xw) in portable.chunks_exact_mut(d_out).zip(x16.chunks_exact(kp)) {
                 portable_row(y, &mut t, xw, a16, bt16, scale, d_in, d_out);
             }
-            let want = reference(&x, &a, &bt, r, scale, d_in, d_out);
+            let want = crate::cpu::lora_reference(&x, &a, &bt, r, scale, d_in, d_out);
             let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (path, got) in [("kernel", &ys), ("portable", &portable)] {
                 for (c, (g, w)) in got.iter().zip(&want).enumerate() {

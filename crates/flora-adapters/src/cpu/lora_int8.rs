@@ -24,7 +24,7 @@
 //!   ... (32 bytes: one 16-lane `vpdpwssd` operand); an odd rank's last row after them, 64
 //!   values in order. Then the last `d_out % 64` outputs, each output's `r` values in turn.
 
-use super::lora_bf16::{a_index, BLOCK, CHUNK, GROUP};
+use super::lora_bf16::{a_index, BLOCK, CHUNK};
 
 /// Largest |qx|: a 2048-input integer sum of qA qx stays within i32.
 const QX_MAX: f32 = 8191.0;
@@ -76,17 +76,16 @@ fn scale_at(region: &[u8], k: usize) -> f32 {
     f32::from_le_bytes(region[4 * k..4 * k + 4].try_into().expect("4 bytes"))
 }
 
-/// Quantizes rank rows (`plain [r, d]` row-major) to integers written at `index(j, i)` of
-/// `out`; returns the scales and replaces `plain` by the values the integers stand for.
-fn quantize_rows(out: &mut [u8], plain: &mut [f32], r: usize, d: usize, index: impl Fn(usize, usize) -> usize) -> Vec<f32> {
+/// Quantizes rank rows (`plain [r, d]` row-major, finite) to integers written at `index(j, i)`
+/// of `out`; returns the scales.
+fn quantize_rows(out: &mut [u8], plain: &[f32], r: usize, d: usize, index: impl Fn(usize, usize) -> usize) -> Vec<f32> {
     (0..r)
         .map(|j| {
-            let row = &mut plain[j * d..(j + 1) * d];
+            let row = &plain[j * d..(j + 1) * d];
             let s = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-            for (i, v) in row.iter_mut().enumerate() {
-                let q = if s > 0.0 { (*v / s).round().clamp(-127.0, 127.0) } else { 0.0 };
+            for (i, v) in row.iter().enumerate() {
+                let q = if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) } else { 0.0 };
                 out[index(j, i)] = q as i8 as u8;
-                *v = q * s;
             }
             s
         })
@@ -95,13 +94,13 @@ fn quantize_rows(out: &mut [u8], plain: &mut [f32], r: usize, d: usize, index: i
 
 /// Lays a LoRA slot out in 8 bits: `values = [A [r, d_in], B^T [r, d_out]]` (plain, f32) as
 /// integers into `ints` (the slot's bytes of the byte table) and scales into `slot16` (its
-/// region of the bf16 copy; its first [`scale_values`]); `values` become the quantized values.
-pub fn quantize(slot16: &mut [u16], ints: &mut [u8], values: &mut [f32], r: usize, d_in: usize, d_out: usize) {
+/// region of the bf16 copy; its first [`scale_values`]).
+pub fn quantize(slot16: &mut [u16], ints: &mut [u8], values: &[f32], r: usize, d_in: usize, d_out: usize) {
     let len = r * (d_in + d_out);
     assert!(fits(d_in, d_out), "lora_int8: {d_in} -> {d_out} leaves no room for scales");
     assert!(slot16.len() == len && ints.len() == len && values.len() == len, "lora_int8 quantize: {} and {} values for rank {r} over {d_in} -> {d_out}", slot16.len(), values.len());
     let (qa, qb) = ints.split_at_mut(r * d_in);
-    let (a, bt) = values.split_at_mut(r * d_in);
+    let (a, bt) = values.split_at(r * d_in);
     let sa = quantize_rows(qa, a, r, d_in, |j, i| a_index(j, i, r, d_in));
     let sb = quantize_rows(qb, bt, r, d_out, |j, c| b_index(j, c, r, d_out));
     let scales = bytes_mut(slot16);
@@ -142,13 +141,28 @@ impl QuantizedRows {
 /// `q = round(x / s)` (ties to even) with `s = max|x| / QX_MAX`; returns s. The kernel's
 /// version computes the same f32 operations, so both give the same integers.
 fn quantize_row(q: &mut [i16], x: &[f32]) -> f32 {
-    let peak = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
-    let s = peak / QX_MAX;
-    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    let peak = x.iter().fold(0f32, |m, &v| if v.abs() <= f32::MAX { m.max(v.abs()) } else { f32::INFINITY });
+    let (s, inv) = row_scale(peak);
+    if s == 0.0 {
+        q.fill(0);
+        return s;
+    }
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = (v * inv).round_ties_even() as i16;
+        *q = (v * inv).round_ties_even().clamp(-QX_MAX, QX_MAX) as i16;
     }
     s
+}
+
+/// A row's scale and its inverse from its largest |x| (infinite when a value is not finite).
+/// Rows that are not finite, or so small that the inverse would overflow, quantize to zero
+/// (their base output is not finite, or the row's terms vanish at f32 precision anyway).
+fn row_scale(peak: f32) -> (f32, f32) {
+    if peak.is_finite() && peak >= f32::MIN_POSITIVE * QX_MAX {
+        let s = peak / QX_MAX;
+        (s, 1.0 / s)
+    } else {
+        (0.0, 0.0)
+    }
 }
 
 /// `ys [rows, d_out] = scale * B^T (A x)` for each row of x, given as [`QuantizedRows`]
@@ -210,7 +224,8 @@ fn terms_with(
             *tj = *tj * (scale * scale_at(scales, j) * sx) * scale_at(scales, r + j);
         }
         let su = t.iter().fold(0f32, |m, v| m.max(v.abs())) / qmax;
-        let inv = if su > 0.0 { 1.0 / su } else { 0.0 };
+        // (A scale whose inverse would overflow: the terms vanish at f32 precision.)
+        let (su, inv) = if su >= f32::MIN_POSITIVE { (su, 1.0 / su) } else { (0.0, 0.0) };
         for (q, &u) in qu.iter_mut().zip(t.iter()) {
             *q = (u * inv).round_ties_even() as i16;
         }
@@ -249,7 +264,8 @@ fn expand_portable(y: &mut [f32], qu: &[i16], su: f32, qb: &[u8]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{expand_one, row_sum, BLOCK, CHUNK, GROUP, SUPER};
+    use super::{expand_one, row_scale, row_sum, BLOCK, CHUNK, SUPER};
+    use crate::cpu::lora_bf16::GROUP;
     use std::arch::x86_64::*;
 
     /// [`super::quantize_row`] 16 values at a time.
@@ -257,21 +273,29 @@ mod x86 {
     pub unsafe fn quantize_row(q: &mut [i16], x: &[f32]) -> f32 {
         let n = x.len();
         let full = n / 16 * 16;
-        let mut peak = _mm512_setzero_ps();
+        let (mut peak, mut not_finite, max) = (_mm512_setzero_ps(), 0u16, _mm512_set1_ps(f32::MAX));
         for i in (0..full).step_by(16) {
-            peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(x.as_ptr().add(i))));
+            let v = _mm512_abs_ps(_mm512_loadu_ps(x.as_ptr().add(i)));
+            peak = _mm512_max_ps(peak, v);
+            // Not <= f32::MAX, or unordered: infinite or NaN.
+            not_finite |= _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(v, max);
         }
-        let peak = x[full..].iter().fold(_mm512_reduce_max_ps(peak), |m, &v| m.max(v.abs()));
-        let s = peak / super::QX_MAX;
-        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        let iv = _mm512_set1_ps(inv);
+        let peak = if not_finite != 0 { f32::INFINITY } else { _mm512_reduce_max_ps(peak) };
+        let peak = x[full..].iter().fold(peak, |m, &v| if v.abs() <= f32::MAX { m.max(v.abs()) } else { f32::INFINITY });
+        let (s, inv) = row_scale(peak);
+        if s == 0.0 {
+            q.fill(0);
+            return s;
+        }
+        let (iv, lo, hi) = (_mm512_set1_ps(inv), _mm512_set1_epi32(-(super::QX_MAX as i32)), _mm512_set1_epi32(super::QX_MAX as i32));
         for i in (0..full).step_by(16) {
             // Round to nearest even (the default rounding mode), as `round_ties_even`.
             let qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), iv));
+            let qi = _mm512_min_epi32(_mm512_max_epi32(qi, lo), hi);
             _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, _mm512_cvtsepi32_epi16(qi));
         }
         for (q, &v) in q[full..].iter_mut().zip(&x[full..]) {
-            *q = (v * inv).round_ties_even() as i16;
+            *q = (v * inv).round_ties_even().clamp(-super::QX_MAX, super::QX_MAX) as i16;
         }
         s
     }
@@ -369,18 +393,16 @@ mod tests {
     use super::*;
     use crate::cpu::rand_vec as values;
 
-    /// The obvious version in f64 over plain values (A `[r, d_in]`, B^T `[r, d_out]`).
-    fn reference(x: &[f32], a: &[f32], bt: &[f32], r: usize, scale: f32, d_in: usize, d_out: usize) -> Vec<f32> {
-        let mut ys = Vec::new();
-        for xr in x.chunks_exact(d_in) {
-            let t: Vec<f64> = (0..r).map(|j| (0..d_in).map(|i| a[j * d_in + i] as f64 * xr[i] as f64).sum::<f64>() * scale as f64).collect();
-            ys.extend((0..d_out).map(|c| (0..r).map(|j| t[j] * bt[j * d_out + c] as f64).sum::<f64>() as f32));
-        }
-        ys
+    /// The values a slot's integers and scales stand for, `[A [r, d_in], B^T [r, d_out]]`.
+    fn dequantized(slot16: &[u16], ints: &[u8], r: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+        let (scales, (qa, qb)) = (bytes(slot16), ints.split_at(r * d_in));
+        let a = (0..r).flat_map(|j| (0..d_in).map(move |i| qa[a_index(j, i, r, d_in)] as i8 as f32 * scale_at(scales, j)));
+        let bt = (0..r).flat_map(|j| (0..d_out).map(move |c| qb[b_index(j, c, r, d_out)] as i8 as f32 * scale_at(scales, r + j)));
+        a.chain(bt).collect()
     }
 
     /// A quantized slot: (original values, its region of the bf16 copy, its integers, the
-    /// quantized values).
+    /// values they stand for).
     fn slot(r: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<u16>, Vec<u8>, Vec<f32>) {
         let mut plain = values(r * (d_in + d_out), 7);
         // A zero rank row (scale 0) and one with a single large value.
@@ -390,8 +412,9 @@ mod tests {
         }
         let original = plain.clone();
         let (mut slot16, mut ints) = (vec![0u16; plain.len()], vec![0u8; plain.len()]);
-        quantize(&mut slot16, &mut ints, &mut plain, r, d_in, d_out);
-        (original, slot16, ints, plain)
+        quantize(&mut slot16, &mut ints, &plain, r, d_in, d_out);
+        let quantized = dequantized(&slot16, &ints, r, d_in, d_out);
+        (original, slot16, ints, quantized)
     }
 
     #[test]
@@ -416,9 +439,22 @@ mod tests {
             let q = QuantizedRows::new(&x, d_in);
             let mut portable = vec![0i16; d_in];
             let s = quantize_row(&mut portable, &x);
-            assert_eq!((q.qx.clone(), q.sx[0].to_bits()), (portable, s.to_bits()), "{d_in} inputs");
+            assert_eq!((q.qx.clone(), q.sx[0].to_bits()), (portable.clone(), s.to_bits()), "{d_in} inputs");
             assert_eq!(q.qx[d_in / 2], QX_MAX as i16);
             assert!(x.iter().zip(&q.qx).all(|(&v, &k)| (v - k as f32 * s).abs() <= 0.5 * s * (1.0 + 1e-5)), "{d_in} inputs: a value off by more than half a step");
+            // Rows with a value that is not finite (in the vector part or the tail), or too
+            // small for the scale's inverse, quantize to zero on both paths.
+            for (at, v) in [(3, f32::NAN), (3, f32::INFINITY), (d_in - 1, f32::NAN), (d_in - 1, f32::NEG_INFINITY)] {
+                let mut bad = x.clone();
+                bad[at] = v;
+                let q = QuantizedRows::new(&bad, d_in);
+                let s = quantize_row(&mut portable, &bad);
+                assert!(q.sx[0] == 0.0 && s == 0.0 && q.qx.iter().chain(&portable).all(|&k| k == 0), "{d_in} inputs, {v} at {at}");
+            }
+            let tiny: Vec<f32> = x.iter().map(|v| v * 1e-36).collect();
+            let q = QuantizedRows::new(&tiny, d_in);
+            let s = quantize_row(&mut portable, &tiny);
+            assert!(q.sx[0] == 0.0 && s == 0.0 && q.qx.iter().chain(&portable).all(|&k| k == 0), "{d_in} tiny inputs");
         }
     }
 
@@ -458,7 +494,7 @@ mod tests {
             let what = format!("rows {rows} rank {r} {d_in}->{d_out}");
             assert!(ys.iter().zip(&portable).all(|(k, p)| k.to_bits() == p.to_bits()), "{what}: kernel and portable loop differ");
             let (a, bt) = quantized.split_at(r * d_in);
-            let want = reference(&x, a, bt, r, scale, d_in, d_out);
+            let want = crate::cpu::lora_reference(&x, a, bt, r, scale, d_in, d_out);
             let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (c, (g, w)) in ys.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 5e-4 * peak.max(1e-3), "{what}: output {c}: {g} against {w}");
