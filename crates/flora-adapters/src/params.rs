@@ -101,6 +101,11 @@ impl SlotSpec {
         }
     }
 
+    /// This slot's values in `params` (in part, then out part).
+    pub fn range(&self, d_in: usize, d_out: usize) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.in_len(d_in) + self.out_len(d_out)
+    }
+
     /// `(in part, out part)` of this slot in `params`.
     pub fn parts<'a, T>(&self, params: &'a [T], d_in: usize, d_out: usize) -> (&'a [T], &'a [T]) {
         let (i, o) = (self.in_len(d_in), self.out_len(d_out));
@@ -124,6 +129,11 @@ impl LoraTables {
     /// Whether a LoRA slot of a `d_in -> d_out` projection is stored in 8 bits.
     pub fn int8_at(self, d_in: usize, d_out: usize) -> bool {
         self == Self::Int8 && crate::cpu::lora_int8::fits(d_in, d_out)
+    }
+
+    /// Whether slot `spec` of a `d_in -> d_out` projection is stored in 8 bits.
+    pub fn int8_slot(self, spec: &SlotSpec, d_in: usize, d_out: usize) -> bool {
+        spec.kind == SlotKind::Lora && self.int8_at(d_in, d_out)
     }
 }
 
@@ -213,7 +223,7 @@ impl LayerAdapters {
         if present().any(|p| Some(p.halves.as_ref().map(|h| h.lora)) != format || p.d_in != d_in || p.d_out != d_out) {
             return Err(AdapterError::BadBatch { layer: name.to_string(), msg: "prepared slots differ in number format or projection shape".into() });
         }
-        let slot_len = |p: &SlotParts| p.spec.in_len(d_in) + p.spec.out_len(d_out);
+        let slot_len = |p: &SlotParts| p.spec.range(d_in, d_out).len();
         let total: usize = present().map(|p| slot_len(p)).sum();
         let mut values = Vec::with_capacity(total);
         // Written in place (an `Arc<[u16]>` made from a Vec would copy it once more).
@@ -296,11 +306,10 @@ impl LayerAdapters {
         let (halves, ints, rounded) = crate::op::with_cpu_tensor(&self.params, "adapter params", |values| {
             let mut rounded = values.to_vec();
             let mut halves = crate::cpu::bf16::round_in_place(&mut rounded);
-            let int8 = self.slots.iter().flatten().any(|s| s.kind == SlotKind::Lora && lora.int8_at(self.d_in, self.d_out));
+            let int8 = self.slots.iter().flatten().any(|s| lora.int8_slot(s, self.d_in, self.d_out));
             let mut ints = if int8 { vec![0u8; rounded.len()] } else { Vec::new() };
             for spec in self.slots.iter().flatten() {
-                let len = spec.in_len(self.d_in) + spec.out_len(self.d_out);
-                let range = spec.offset..spec.offset + len;
+                let range = spec.range(self.d_in, self.d_out);
                 let slot_ints = if ints.is_empty() { &mut [][..] } else { &mut ints[range.clone()] };
                 arrange_for_kernel(spec, &mut halves[range.clone()], slot_ints, &mut rounded[range], self.d_in, self.d_out, lora);
             }
@@ -386,7 +395,7 @@ impl SlotParts {
         }
         let halves = bf16.map(|lora| {
             let mut halves = crate::cpu::bf16::round_in_place(&mut values);
-            let int8 = spec.kind == SlotKind::Lora && lora.int8_at(d_in, d_out);
+            let int8 = lora.int8_slot(&spec, d_in, d_out);
             let mut ints = if int8 { vec![0u8; values.len()] } else { Vec::new() };
             arrange_for_kernel(&spec, &mut halves, &mut ints, &mut values, d_in, d_out, lora);
             // Only what inference reads is kept (the pool's bytes): a LoRA slot's copy, not its
@@ -415,7 +424,7 @@ impl SlotParts {
 /// kinds keep the table's own.
 fn arrange_for_kernel(spec: &SlotSpec, halves: &mut [u16], ints: &mut [u8], values: &mut [f32], d_in: usize, d_out: usize, lora: LoraTables) {
     if spec.kind == SlotKind::Lora {
-        if lora.int8_at(d_in, d_out) {
+        if lora.int8_slot(spec, d_in, d_out) {
             crate::cpu::lora_int8::quantize(halves, ints, values, spec.rank, d_in, d_out);
             halves[crate::cpu::lora_int8::scale_values(spec.rank)..].fill(0);
         } else {
@@ -507,7 +516,7 @@ mod tests {
             let packed = reference.with_bf16_tables(lora).unwrap();
             let (values, original) = (packed.params().to_vec1::<f32>().unwrap(), reference.params().to_vec1::<f32>().unwrap());
             for spec in packed.slots().iter().flatten() {
-                let range = spec.offset..spec.offset + spec.in_len(d_in) + spec.out_len(d_out);
+                let range = spec.range(d_in, d_out);
                 let zero = values[range.clone()].iter().all(|&v| v == 0.0);
                 assert_eq!(zero, spec.kind == SlotKind::Lora, "{lora}: {:?} slot", spec.kind);
                 assert!(spec.kind == SlotKind::Lora || values[range.clone()].iter().zip(&original[range]).all(|(v, o)| (v - o).abs() <= o.abs() / 128.0));

@@ -414,7 +414,7 @@ struct LoraRows<'a> {
 fn lora_slot_terms(ys: &mut [f32], rows: LoraRows, p16: &Bf16Tables, spec: &SlotSpec, di: usize, dout: usize) {
     if p16.lora.int8_at(di, dout) {
         let (qx, sx) = rows.xq.expect("8-bit tables get quantized rows");
-        let range = spec.offset..spec.offset + spec.rank * (di + dout);
+        let range = spec.range(di, dout);
         super::lora_int8::terms(ys, qx, sx, &p16.values[range.clone()], &p16.ints[range], spec.rank, spec.scale, di, dout);
     } else {
         let (a, bt) = spec.parts(&p16.values, di, dout);

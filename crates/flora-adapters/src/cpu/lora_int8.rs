@@ -141,7 +141,7 @@ impl QuantizedRows {
 /// `q = round(x / s)` (ties to even) with `s = max|x| / QX_MAX`; returns s. The kernel's
 /// version computes the same f32 operations, so both give the same integers.
 fn quantize_row(q: &mut [i16], x: &[f32]) -> f32 {
-    let peak = x.iter().fold(0f32, |m, &v| if v.abs() <= f32::MAX { m.max(v.abs()) } else { f32::INFINITY });
+    let peak = x.iter().fold(0f32, peak_with);
     let (s, inv) = row_scale(peak);
     if s == 0.0 {
         q.fill(0);
@@ -151,6 +151,15 @@ fn quantize_row(q: &mut [i16], x: &[f32]) -> f32 {
         *q = (v * inv).round_ties_even().clamp(-QX_MAX, QX_MAX) as i16;
     }
     s
+}
+
+/// The largest |x| so far with one more value: infinite once a value is not finite.
+fn peak_with(m: f32, &v: &f32) -> f32 {
+    if v.abs() <= f32::MAX {
+        m.max(v.abs())
+    } else {
+        f32::INFINITY
+    }
 }
 
 /// A row's scale and its inverse from its largest |x| (infinite when a value is not finite).
@@ -264,7 +273,7 @@ fn expand_portable(y: &mut [f32], qu: &[i16], su: f32, qb: &[u8]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{expand_one, row_scale, row_sum, BLOCK, CHUNK, SUPER};
+    use super::{expand_one, peak_with, row_scale, row_sum, BLOCK, CHUNK, SUPER};
     use crate::cpu::lora_bf16::GROUP;
     use std::arch::x86_64::*;
 
@@ -281,7 +290,7 @@ mod x86 {
             not_finite |= _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(v, max);
         }
         let peak = if not_finite != 0 { f32::INFINITY } else { _mm512_reduce_max_ps(peak) };
-        let peak = x[full..].iter().fold(peak, |m, &v| if v.abs() <= f32::MAX { m.max(v.abs()) } else { f32::INFINITY });
+        let peak = x[full..].iter().fold(peak, peak_with);
         let (s, inv) = row_scale(peak);
         if s == 0.0 {
             q.fill(0);
