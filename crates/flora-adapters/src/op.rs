@@ -185,11 +185,7 @@ fn rows_planned(x: &[f32], n_rows: usize, base: &BaseWeight, adapters: Option<(&
     Ok(with_cpu_tensor(&base.wt, "base weight", |wt| {
         let base_ref = BaseRef { wt, bf16 };
         match adapters {
-            None => {
-                let mut y = vec![0f32; n_rows * base.d_out];
-                base_ref.gemm(&mut y, x, n_rows, base.d_in, base.d_out);
-                Ok(y)
-            }
+            None => Ok(base_ref.gemm_new(x, n_rows, base.d_in, base.d_out)),
             Some((a, plan)) => {
                 with_cpu_tensor(a.params(), "adapter params", |params| Ok(cpu::forward::forward(x, base_ref, params, a.bf16_params(), plan)))
             }

@@ -251,6 +251,24 @@ thread_local! {
     static A_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A GEMM's output as [`GemmParts`] writes it: `len` values from `ptr`, borrowed mutably for
+/// 'a, initialized or not (the ranges only write it).
+struct C<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _c: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> C<'a> {
+    fn from(c: &'a mut [f32]) -> Self {
+        Self { ptr: c.as_mut_ptr(), len: c.len(), _c: std::marker::PhantomData }
+    }
+
+    fn from_uninit(c: &'a mut [std::mem::MaybeUninit<f32>]) -> Self {
+        Self { ptr: c.as_mut_ptr().cast(), len: c.len(), _c: std::marker::PhantomData }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
@@ -258,8 +276,22 @@ unsafe impl Sync for SendPtr {}
 
 /// `c [m, n] (row stride ldc) = a [m, k] (row stride lda) · W`, overwriting `c`.
 pub fn gemm(c: &mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &PackedBf16) {
-    let parts = GemmParts::new(c, ldc, a, lda, m, w);
-    // As many calls as ranges, each computing one: every range runs exactly once.
+    run_all(&GemmParts::new(c, ldc, a, lda, m, w));
+}
+
+/// `a [m, k] (row stride lda) · W` as a new `[m, n]` matrix (no zeroing pass: the GEMM writes
+/// every value).
+pub fn gemm_new(a: &[f32], lda: usize, m: usize, w: &PackedBf16) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * w.n);
+    run_all(&GemmParts::new_uninit(&mut c.spare_capacity_mut()[..m * w.n], w.n, a, lda, m, w));
+    // SAFETY: the GEMM wrote all m * n values (`with_rows`: every range ran, and each writes
+    // all rows of its columns, or C was zeroed where there is nothing to sum).
+    unsafe { c.set_len(m * w.n) };
+    c
+}
+
+/// Runs every range of `parts`: as many calls as ranges, each computing one.
+fn run_all(parts: &GemmParts) {
     super::team::par_for(parts.len(), |_| {
         parts.run_one();
     });
@@ -293,27 +325,52 @@ pub struct GemmParts<'a> {
 
 impl<'a> GemmParts<'a> {
     pub fn new(c: &'a mut [f32], ldc: usize, a: &[f32], lda: usize, m: usize, w: &'a PackedBf16) -> Self {
+        Self::with_rows(C::from(c), ldc, Self::round(a, lda, m, w), m, w)
+    }
+
+    /// [`Self::new`] over an uninitialized C: the GEMM writes its `m` rows of `n` values (the
+    /// values between rows, if `ldc > n`, stay uninitialized).
+    pub fn new_uninit(c: &'a mut [std::mem::MaybeUninit<f32>], ldc: usize, a: &[f32], lda: usize, m: usize, w: &'a PackedBf16) -> Self {
+        Self::with_rows(C::from_uninit(c), ldc, Self::round(a, lda, m, w), m, w)
+    }
+
+    /// A's rows rounded to bf16 pairs, in the thread-local buffer.
+    fn round(a: &[f32], lda: usize, m: usize, w: &PackedBf16) -> std::borrow::Cow<'a, [u32]> {
         assert!(m == 0 || (m - 1) * lda + w.k <= a.len(), "bf16 gemm: A out of bounds");
         let mut a16 = A_BF16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
         if a16.len() < m * w.kp {
             a16.resize(m * w.kp, 0);
         }
         round_rows(&mut a16, a, lda, m, w.k);
-        Self::with_rows(c, ldc, std::borrow::Cow::Owned(a16), m, w)
+        std::borrow::Cow::Owned(a16)
     }
 
     /// [`Self::new`] over rows the caller has rounded already (`a16 [m, kp]`, as
     /// [`round_rows`] writes them): several GEMMs of one input round it once.
     pub fn over_rounded(c: &'a mut [f32], ldc: usize, a16: &'a [u32], m: usize, w: &'a PackedBf16) -> Self {
         assert!(a16.len() >= m * w.kp, "bf16 gemm: {} rounded words for {m} rows of {} pairs", a16.len(), w.kp);
-        Self::with_rows(c, ldc, std::borrow::Cow::Borrowed(a16), m, w)
+        Self::with_rows(C::from(c), ldc, std::borrow::Cow::Borrowed(a16), m, w)
     }
 
-    fn with_rows(c: &'a mut [f32], ldc: usize, a16: std::borrow::Cow<'a, [u32]>, m: usize, w: &'a PackedBf16) -> Self {
+    /// [`Self::over_rounded`] over an uninitialized C, as [`Self::new_uninit`].
+    pub fn over_rounded_uninit(c: &'a mut [std::mem::MaybeUninit<f32>], ldc: usize, a16: &'a [u32], m: usize, w: &'a PackedBf16) -> Self {
+        assert!(a16.len() >= m * w.kp, "bf16 gemm: {} rounded words for {m} rows of {} pairs", a16.len(), w.kp);
+        Self::with_rows(C::from_uninit(c), ldc, std::borrow::Cow::Borrowed(a16), m, w)
+    }
+
+    fn with_rows(c: C<'a>, ldc: usize, a16: std::borrow::Cow<'a, [u32]>, m: usize, w: &'a PackedBf16) -> Self {
         let (k, n) = (w.k, w.n);
-        assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(), "bf16 gemm: C out of bounds");
+        assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len, "bf16 gemm: C out of bounds");
         // Column ranges of different threads must not share elements of C.
         assert!(m <= 1 || ldc >= n, "bf16 gemm: row stride {ldc} of C under its {n} columns");
+        if w.kp == 0 {
+            // No k-block writes C: a product over nothing is zero.
+            for i in 0..m {
+                // SAFETY: rows are within C (asserted above), which is borrowed mutably for 'a.
+                unsafe { std::ptr::write_bytes(c.ptr.add(i * ldc), 0, n) };
+            }
+        }
+        let c = c.ptr;
         let panels = if m == 0 { 0 } else { w.panels() };
         let flops = 2 * m * n * k;
         // Split once there is enough arithmetic or enough weight to stream: a decode step's
@@ -333,7 +390,7 @@ impl<'a> GemmParts<'a> {
             super::team::guided_ranges(panels, threads, 1)
         };
         let claimed = ranges.iter().map(|_| false.into()).collect();
-        Self { c: SendPtr(c.as_mut_ptr()), ldc, a16, m, w, ranges, decode, claimed, next: 0.into(), finished: 0.into(), failed: false.into(), _c: std::marker::PhantomData }
+        Self { c: SendPtr(c), ldc, a16, m, w, ranges, decode, claimed, next: 0.into(), finished: 0.into(), failed: false.into(), _c: std::marker::PhantomData }
     }
 
     /// Column ranges in all.

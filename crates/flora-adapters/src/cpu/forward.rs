@@ -44,6 +44,18 @@ impl BaseRef<'_> {
             None => matmul(c, dout, MatRef::row_major(a, m, di), MatRef::row_major(self.wt, di, dout), 1.0, 0.0),
         }
     }
+
+    /// [`Self::gemm`] into a new `[m, d_out]` matrix (in bf16 without a zeroing pass first).
+    pub fn gemm_new(&self, a: &[f32], m: usize, di: usize, dout: usize) -> Vec<f32> {
+        match self.bf16 {
+            Some(p) => super::bf16::gemm_new(a, di, m, p),
+            None => {
+                let mut c = vec![0f32; m * dout];
+                self.gemm(&mut c, a, m, di, dout);
+                c
+            }
+        }
+    }
 }
 
 /// `y [n, d_out]` for `x [n, d_in]`.
@@ -60,12 +72,13 @@ pub fn forward(x: &[f32], base: BaseRef, params: &[f32], params16: Option<&Bf16T
             return forward_pooled(x, n, di, &[Pooled { packed, adapters }]).pop().expect("one projection");
         }
     }
-    let mut y = vec![0f32; n * dout];
-    if plan.all_direct() {
-        base.gemm(&mut y, x, n, di, dout);
+    let mut y = if plan.all_direct() {
+        base.gemm_new(x, n, di, dout)
     } else {
+        let mut y = vec![0f32; n * dout];
         shared_stacked_gemm(x, base, params, plan, &mut y);
-    }
+        y
+    };
     // Merged fLoRA segments: several run in parallel (each single-threaded, no per-call
     // dispatch); a lone one uses all threads inside its GEMMs.
     let merged: Vec<(&mut [f32], &Segment, &SegmentExec)> =
@@ -129,7 +142,8 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
             }));
         }
     }
-    let mut ys: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; n * p.packed.n()]).collect();
+    // The outputs, written whole by their GEMMs (no zeroing pass), `[n, d_out]` each.
+    let mut ys: Vec<Vec<f32>> = projs.iter().map(|p| Vec::with_capacity(n * p.packed.n())).collect();
     // x rounded to bf16 pairs once, for every GEMM and every LoRA shrink.
     let kp = di.div_ceil(2);
     let mut x16 = vec![0u32; n * kp];
@@ -166,7 +180,7 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
             true
         };
         let gemms: Vec<super::bf16::GemmParts> =
-            ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::over_rounded(y, p.packed.n(), &x16, n, p.packed)).collect();
+            ys.iter_mut().zip(projs).map(|(y, p)| super::bf16::GemmParts::over_rounded_uninit(&mut y.spare_capacity_mut()[..n * p.packed.n()], p.packed.n(), &x16, n, p.packed)).collect();
         // Last, every thread adds segments' terms to their projection's output as soon as
         // both are complete (every thread claims segments until none is left before it gets
         // here, and the add computes any GEMM range still unclaimed, so the waits end).
@@ -201,6 +215,9 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         });
     });
     for (y, p) in ys.iter_mut().zip(projs) {
+        // SAFETY: every range of every GEMM ran (the loop above returned), so each wrote its
+        // n rows of d_out values.
+        unsafe { y.set_len(n * p.packed.n()) };
         if let Some(a) = &p.adapters {
             epilogues(x, a.params, Some(a.params16), a.plan, y, true);
         }
