@@ -833,6 +833,14 @@ mod tests {
                     "{m}x{k}x{n}: wrote past n"
                 );
             }
+            // Into a new matrix (uninitialized before the GEMM): the same bits. (The NaN start
+            // above shows the GEMM writes every value.)
+            let new = gemm_new(&a, k + 3, m, &p);
+            assert_eq!(new.len(), m * n);
+            for i in 0..m {
+                let want: Vec<u32> = fast[i * ldc..i * ldc + n].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(new[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "{m}x{k}x{n}: row {i}");
+            }
         }
     }
 
