@@ -252,7 +252,8 @@ thread_local! {
 }
 
 /// A GEMM's output as [`GemmParts`] writes it: `len` values from `ptr`, borrowed mutably for
-/// 'a, initialized or not (the ranges only write it).
+/// 'a, initialized or not (a range writes its values in its first k-block before it reads any
+/// back).
 struct C<'a> {
     ptr: *mut f32,
     len: usize,
@@ -363,7 +364,7 @@ impl<'a> GemmParts<'a> {
         assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len, "bf16 gemm: C out of bounds");
         // Column ranges of different threads must not share elements of C.
         assert!(m <= 1 || ldc >= n, "bf16 gemm: row stride {ldc} of C under its {n} columns");
-        if w.kp == 0 {
+        if w.kp == 0 && n > 0 {
             // No k-block writes C: a product over nothing is zero.
             for i in 0..m {
                 // SAFETY: rows are within C (asserted above), which is borrowed mutably for 'a.
@@ -416,7 +417,7 @@ impl<'a> GemmParts<'a> {
         let a16 = &self.a16[..self.m * self.w.kp];
         let _flag = super::team::FlagOnUnwind(&self.failed);
         // SAFETY: range i is claimed once (above) and covers its own columns of C, which
-        // `new` borrowed mutably for 'a and checked against the shapes.
+        // `with_rows` borrowed mutably for 'a and checked against the shapes.
         unsafe { run_panels(self.c.0, self.ldc, a16, self.m, self.w, p0, p1) };
         self.finished.fetch_add(1, std::sync::atomic::Ordering::Release);
         true
@@ -436,9 +437,9 @@ impl<'a> GemmParts<'a> {
         let done = || self.finished.load(std::sync::atomic::Ordering::Acquire) >= self.ranges.len();
         super::team::spin_until(done, &self.failed, "bf16 gemm");
         for (i, v) in values.chunks_exact(n.max(1)).enumerate() {
-            // SAFETY: every range has finished (above), so no range writes C any more; rows
-            // are within the m rows `new` checked against C, and concurrent callers add
-            // disjoint rows (the caller's promise).
+            // SAFETY: every range has finished (above), so no range writes C any more and
+            // every value is written; rows are within the m rows `with_rows` checked against
+            // C, and concurrent callers add disjoint rows (the caller's promise).
             let row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((r0 + i) * self.ldc), n) };
             super::vecops::axpy(row, 1.0, v);
         }
@@ -544,9 +545,10 @@ unsafe fn portable_block(
                 *acc_j += alo * bf16_to_f32(bw as u16) + ahi * bf16_to_f32((bw >> 16) as u16);
             }
         }
-        let crow = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
-        for (o, v) in crow.iter_mut().zip(&acc) {
-            *o = if accumulate { *o + v } else { *v };
+        // Through the pointer: before the first k-block's store C may be uninitialized.
+        for (j, v) in acc.iter().enumerate().take(nr) {
+            let o = c.add(i * ldc + j);
+            o.write(if accumulate { o.read() + v } else { *v });
         }
     }
 }
@@ -799,6 +801,7 @@ mod tests {
     #[test]
     fn gemm_matches_slow_across_shapes() {
         let shapes = [
+            (0, 5, 7),
             (1, 1, 1),
             (1, 577, 129),
             (2, 576, 192),

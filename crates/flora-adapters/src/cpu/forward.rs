@@ -48,7 +48,10 @@ impl BaseRef<'_> {
     /// [`Self::gemm`] into a new `[m, d_out]` matrix (in bf16 without a zeroing pass first).
     pub fn gemm_new(&self, a: &[f32], m: usize, di: usize, dout: usize) -> Vec<f32> {
         match self.bf16 {
-            Some(p) => super::bf16::gemm_new(a, di, m, p),
+            Some(p) => {
+                assert_eq!((p.k(), p.n()), (di, dout), "bf16 gemm: weight of {}x{}, not {di}x{dout}", p.k(), p.n());
+                super::bf16::gemm_new(a, di, m, p)
+            }
             None => {
                 let mut c = vec![0f32; m * dout];
                 self.gemm(&mut c, a, m, di, dout);
