@@ -60,6 +60,11 @@ pub enum BenchCommand {
         /// Rank of the LoRA adapters (the model issue's targets are for rank 8).
         #[arg(long, default_value_t = 8)]
         lora_rank: usize,
+        /// Adapter settings to measure (comma-separated): lora-rR, lora-rR-int8 (R = --lora-rank),
+        /// flora-r1, flora-r2, flora-r4. Default: all (with --quick: lora-rR, lora-rR-int8,
+        /// flora-r1). The base-only setting always runs: every ratio is to it.
+        #[arg(long, value_delimiter = ',')]
+        settings: Option<Vec<String>>,
     },
     /// The HTTP server under load: base vs LoRA vs fLoRA at each rank (the paper's serving
     /// analysis), the adapter pool under Zipf traffic over many adapters, or a soak with clients
@@ -89,7 +94,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Layers { quick, out, budget, dims, ranks } => layers::run(quick, &out, budget, dims, ranks),
-        BenchCommand::Model { model, out, quick, prompt_len, decode_steps, batches, weights, lora_rank } => {
+        BenchCommand::Model { model, out, quick, prompt_len, decode_steps, batches, weights, lora_rank, settings } => {
             if prompt_len == 0 || decode_steps == 0 || lora_rank == 0 {
                 anyhow::bail!("--prompt-len, --decode-steps and --lora-rank must be positive");
             }
@@ -97,7 +102,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 anyhow::bail!("--batches must list positive batch sizes");
             }
             let batches = batches.unwrap_or_else(|| if quick { vec![1, 8] } else { vec![1, 8, 32] });
-            model::run(model.as_deref(), &out, &model::Sweep { quick, prompt_len, decode_steps, batches: &batches, formats: &weights, lora_rank })
+            let sweep = model::Sweep { quick, prompt_len, decode_steps, batches: &batches, formats: &weights, lora_rank, settings: settings.as_deref() };
+            model::run(model.as_deref(), &out, &sweep)
         }
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Train { model, out, quick, seq_len, steps } => {

@@ -173,10 +173,35 @@ pub struct Sweep<'a> {
     pub batches: &'a [usize],
     pub formats: &'a [WeightFormat],
     pub lora_rank: usize,
+    /// The adapter settings to run (labels, as [`Setting::label`]); None: the default set.
+    pub settings: Option<&'a [String]>,
+}
+
+/// The settings of a sweep, base first: `chosen` (labels; unknown ones are an error) or the
+/// default set.
+fn settings_to_run(quick: bool, lora_rank: usize, chosen: Option<&[String]>) -> Result<Vec<Setting>> {
+    let lora_int8 = Setting { lora_tables: LoraTables::Int8, ..Setting::new(AdapterKind::Lora, lora_rank) };
+    let all = [
+        Setting::BASE,
+        Setting::new(AdapterKind::Lora, lora_rank),
+        lora_int8,
+        Setting::new(AdapterKind::Flora, 1),
+        Setting::new(AdapterKind::Flora, 2),
+        Setting::new(AdapterKind::Flora, 4),
+    ];
+    let Some(chosen) = chosen else {
+        return Ok(all.into_iter().take(if quick { 4 } else { all.len() }).collect());
+    };
+    let labels: Vec<String> = all.iter().map(Setting::label).collect();
+    if let Some(unknown) = chosen.iter().find(|c| !labels.contains(c)) {
+        anyhow::bail!("--settings: no setting {unknown:?} (the settings are {})", labels.join(", "));
+    }
+    Ok(all.into_iter().filter(|s| s.kind.is_none() || chosen.contains(&s.label())).collect())
 }
 
 pub fn run(model_path: Option<&Path>, out: &Path, sweep: &Sweep) -> Result<()> {
-    let &Sweep { quick, prompt_len, decode_steps, batches, formats, lora_rank } = sweep;
+    let &Sweep { quick, prompt_len, decode_steps, batches, formats, lora_rank, settings: chosen } = sweep;
+    let settings = settings_to_run(quick, lora_rank, chosen)?;
     std::fs::create_dir_all(out)?;
     let path = flora_model::default_model::resolve_model(model_path)?;
     let mut model = Llama::from_checkpoint(flora_model::weights::load(&path)?)?;
@@ -184,19 +209,6 @@ pub fn run(model_path: Option<&Path>, out: &Path, sweep: &Sweep) -> Result<()> {
     // Bandwidth is read before and after the sweep and the higher reading is the limit (the
     // machine is shared: a low reading would flatter the batch-1 ratio).
     let bandwidth_before = read_bandwidth_gb_s();
-    let lora_int8 = Setting { lora_tables: LoraTables::Int8, ..Setting::new(AdapterKind::Lora, lora_rank) };
-    let settings: Vec<Setting> = if quick {
-        vec![Setting::BASE, Setting::new(AdapterKind::Lora, lora_rank), lora_int8, Setting::new(AdapterKind::Flora, 1)]
-    } else {
-        vec![
-            Setting::BASE,
-            Setting::new(AdapterKind::Lora, lora_rank),
-            lora_int8,
-            Setting::new(AdapterKind::Flora, 1),
-            Setting::new(AdapterKind::Flora, 2),
-            Setting::new(AdapterKind::Flora, 4),
-        ]
-    };
     let mut rows = Vec::new();
     let n_settings: usize = formats.iter().map(|&f| settings.iter().filter(|s| s.applies_to(f)).count()).sum();
     let progress = indicatif::ProgressBar::new((n_settings * batches.len()) as u64)
@@ -412,4 +424,25 @@ fn report(rows: &[Measured], cx: &ReportContext) -> String {
     }
     let _ = writeln!(md, "\nPeak resident memory: {:.0} MiB ({:.0} MiB after loading the model in f32; bf16 adds a packed copy of every projection and the LM head, half the f32 size).", cx.peak, cx.rss_loaded);
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(settings: &[Setting]) -> Vec<String> {
+        settings.iter().map(Setting::label).collect()
+    }
+
+    #[test]
+    fn settings_default_pick_and_reject() {
+        assert_eq!(labels(&settings_to_run(false, 8, None).unwrap()), ["base", "lora-r8", "lora-r8-int8", "flora-r1", "flora-r2", "flora-r4"]);
+        assert_eq!(labels(&settings_to_run(true, 8, None).unwrap()), ["base", "lora-r8", "lora-r8-int8", "flora-r1"]);
+        // A pick keeps the base first (the ratios' reference) and the sweep's order.
+        let pick = ["flora-r2".to_string(), "lora-r16".to_string()];
+        assert_eq!(labels(&settings_to_run(true, 16, Some(&pick)).unwrap()), ["base", "lora-r16", "flora-r2"]);
+        let Err(err) = settings_to_run(false, 4, Some(&["lora-r8".to_string()])) else { panic!("lora-r8 at rank 4 must be rejected") };
+        let err = err.to_string();
+        assert!(err.contains("\"lora-r8\"") && err.contains("lora-r4-int8"), "{err}");
+    }
 }
