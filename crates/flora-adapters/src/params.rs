@@ -219,7 +219,7 @@ impl LayerAdapters {
     pub fn from_parts(name: &str, d_in: usize, d_out: usize, slots: &[Option<&SlotParts>], device: &Device) -> Result<Self> {
         let present = || slots.iter().flatten();
         let format = present().next().map(|p| p.halves.as_ref().map(|h| h.lora));
-        let bf16 = format.flatten().is_some();
+        let lora = format.flatten();
         if present().any(|p| Some(p.halves.as_ref().map(|h| h.lora)) != format || p.d_in != d_in || p.d_out != d_out) {
             return Err(AdapterError::BadBatch { layer: name.to_string(), msg: "prepared slots differ in number format or projection shape".into() });
         }
@@ -227,7 +227,7 @@ impl LayerAdapters {
         let total: usize = present().map(|p| slot_len(p)).sum();
         let mut values = Vec::with_capacity(total);
         // Written in place (an `Arc<[u16]>` made from a Vec would copy it once more).
-        let mut halves = Arc::<[u16]>::new_uninit_slice(if bf16 { total } else { 0 });
+        let mut halves = Arc::<[u16]>::new_uninit_slice(if lora.is_some() { total } else { 0 });
         let halves_out = Arc::get_mut(&mut halves).expect("a new Arc is unique");
         // The byte table only where some slot has 8-bit integers.
         let int8 = present().any(|p| p.halves.as_ref().is_some_and(|h| !h.ints.is_empty()));
@@ -257,7 +257,7 @@ impl LayerAdapters {
         // cover 0..total; without, the slice is empty.
         let halves = unsafe { halves.assume_init() };
         let params = Tensor::from_vec(values, total, device)?;
-        Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params, bf16: format.flatten().map(|lora| Bf16Tables { values: halves, lora, ints: ints.into() }) })
+        Ok(Self { name: name.into(), d_in, d_out, slots: specs.into(), params, bf16: lora.map(|lora| Bf16Tables { values: halves, lora, ints: ints.into() }) })
     }
 
     /// The same slot table over other parameter values of the same layout (e.g. a trainable

@@ -133,14 +133,15 @@ pub struct PooledAdapters<'a> {
 /// remaining epilogues (IA3 on the output) follow.
 pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<Vec<f32>> {
     assert_eq!(x.len(), n * di, "forward_pooled: x has {} values, expected {n}x{di}", x.len());
-    // (projection, segment, slot) of every LoRA segment that runs beside the GEMMs.
-    let mut lora: Vec<(usize, &Segment, &SlotSpec)> = Vec::new();
+    // (projection, segment, slot, the projection's tables, its d_out) of every LoRA segment
+    // that runs beside the GEMMs.
+    let mut lora: Vec<(usize, &Segment, &SlotSpec, &Bf16Tables, usize)> = Vec::new();
     for (pi, p) in projs.iter().enumerate() {
         assert_eq!(p.packed.k(), di, "forward_pooled: projection {pi} takes {} inputs, not {di}", p.packed.k());
         if let Some(a) = &p.adapters {
             assert!(a.plan.all_direct() && a.plan.n_rows == n, "forward_pooled: projection {pi} has rows that do not enter the GEMM unchanged");
             lora.extend(a.plan.segments.iter().filter_map(|(seg, exec)| match exec {
-                SegmentExec::Lora(spec) => Some((pi, seg, spec)),
+                SegmentExec::Lora(spec) => Some((pi, seg, spec, a.params16, p.packed.n())),
                 _ => None,
             }));
         }
@@ -154,16 +155,16 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         super::bf16::round_rows(&mut x16, x, di, n, di);
     }
     // And quantized once for every 8-bit LoRA shrink, if any.
-    let int8 = lora.iter().any(|&(pi, _, _)| projs[pi].adapters.as_ref().is_some_and(|a| a.params16.lora.int8_at(di, projs[pi].packed.n())));
+    let int8 = lora.iter().any(|&(_, _, _, p16, dout)| p16.lora.int8_at(di, dout));
     let xq = int8.then(|| super::lora_int8::QuantizedRows::new(x, di));
     // Each LoRA segment's terms `[len, d_out]`, in the order of `lora` (reused scratch: fresh
     // pages per call cost page faults).
-    let terms_len = lora.iter().map(|&(pi, seg, _)| seg.len * projs[pi].packed.n()).sum();
+    let terms_len = lora.iter().map(|&(_, seg, _, _, dout)| seg.len * dout).sum();
     with_scratch(LORA_TERMS, terms_len, |terms| {
         let mut parts = Vec::with_capacity(lora.len());
         let mut rest = &mut terms[..];
-        for &(pi, seg, _) in &lora {
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(seg.len * projs[pi].packed.n());
+        for &(_, seg, _, _, dout) in &lora {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(seg.len * dout);
             parts.push(std::sync::Mutex::new(mine));
             rest = tail;
         }
@@ -174,10 +175,15 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         let (next_lora, next_add) = (std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0));
         let run_lora = || {
             let k = next_lora.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(pi, seg, spec)) = lora.get(k) else { return false };
+            let Some(&(_, seg, spec, p16, dout)) = lora.get(k) else { return false };
             let _flag = super::team::FlagOnUnwind(&lora_failed);
-            let (dout, p16) = (projs[pi].packed.n(), projs[pi].adapters.as_ref().expect("LoRA has tables").params16);
-            let rows = LoraRows { x16: &x16[seg.start * kp..(seg.start + seg.len) * kp], xq: xq.as_ref().map(|q| q.rows(seg.start, seg.len, di)) };
+            let rows = match &xq {
+                Some(q) if p16.lora.int8_at(di, dout) => {
+                    let (qx, sx) = q.rows(seg.start, seg.len, di);
+                    LoraRows::Int8(qx, sx)
+                }
+                _ => LoraRows::Bf16(&x16[seg.start * kp..(seg.start + seg.len) * kp]),
+            };
             lora_slot_terms(&mut parts[k].lock().expect("one writer per segment"), rows, p16, spec, di, dout);
             lora_done[k].store(true, std::sync::atomic::Ordering::Release);
             true
@@ -189,7 +195,7 @@ pub fn forward_pooled(x: &[f32], n: usize, di: usize, projs: &[Pooled]) -> Vec<V
         // here, and the add computes any GEMM range still unclaimed, so the waits end).
         let add_terms = || loop {
             let k = next_add.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(pi, seg, _)) = lora.get(k) else { return };
+            let Some(&(pi, seg, ..)) = lora.get(k) else { return };
             super::team::spin_until(|| lora_done[k].load(std::sync::atomic::Ordering::Acquire), &lora_failed, "LoRA terms");
             // SAFETY: segments cover disjoint rows, and each is added once (claimed above).
             unsafe { gemms[pi].add_to_rows_when_done(seg.start, &parts[k].lock().expect("terms written")) };
@@ -416,29 +422,36 @@ fn lora_rows_bf16(ys: &mut [f32], xs: &[f32], p16: &Bf16Tables, spec: &SlotSpec,
         x16.resize(rows * di.div_ceil(2), 0u32);
         super::bf16::round_rows(&mut x16, xs, di, rows, di);
     }
+    let input = match &xq {
+        Some(q) => LoraRows::Int8(&q.qx, &q.sx),
+        None => LoraRows::Bf16(&x16),
+    };
     with_scratch(LORA_TERMS, rows * dout, |terms| {
-        lora_slot_terms(terms, LoraRows { x16: &x16, xq: xq.as_ref().map(|q| q.rows(0, rows, di)) }, p16, spec, di, dout);
+        lora_slot_terms(terms, input, p16, spec, di, dout);
         axpy(ys, 1.0, terms);
     });
 }
 
-/// A LoRA segment's rows in the forms its kernel may read: bf16 pairs (`[len, ceil(d_in / 2)]`)
-/// for bf16 tables, quantized (`qx [len, d_in]`, `sx [len]`) for 8-bit ones.
-struct LoraRows<'a> {
-    x16: &'a [u32],
-    xq: Option<(&'a [i16], &'a [f32])>,
+/// A LoRA segment's rows in the form its slot's kernel reads: bf16 pairs (`[len, ceil(d_in /
+/// 2)]`) for bf16 tables, quantized (`qx [len, d_in]`, `sx [len]`) for 8-bit ones (the caller
+/// picks by `p16.lora.int8_at`).
+enum LoraRows<'a> {
+    Bf16(&'a [u32]),
+    Int8(&'a [i16], &'a [f32]),
 }
 
 /// A LoRA slot's terms `ys [len, d_out] = scale * B^T (A x)` from the bf16 copy, by the kernel
 /// of the slot's format there.
 fn lora_slot_terms(ys: &mut [f32], rows: LoraRows, p16: &Bf16Tables, spec: &SlotSpec, di: usize, dout: usize) {
-    if p16.lora.int8_at(di, dout) {
-        let (qx, sx) = rows.xq.expect("8-bit tables get quantized rows");
-        let range = spec.range(di, dout);
-        super::lora_int8::terms(ys, qx, sx, &p16.values[range.clone()], &p16.ints[range], spec.rank, spec.scale, di, dout);
-    } else {
-        let (a, bt) = spec.parts(&p16.values, di, dout);
-        super::lora_bf16::terms(ys, rows.x16, a, bt, spec.rank, spec.scale, di, dout);
+    match rows {
+        LoraRows::Int8(qx, sx) => {
+            let range = spec.range(di, dout);
+            super::lora_int8::terms(ys, qx, sx, &p16.values[range.clone()], &p16.ints[range], spec.rank, spec.scale, di, dout);
+        }
+        LoraRows::Bf16(x16) => {
+            let (a, bt) = spec.parts(&p16.values, di, dout);
+            super::lora_bf16::terms(ys, x16, a, bt, spec.rank, spec.scale, di, dout);
+        }
     }
 }
 
