@@ -46,12 +46,14 @@ impl LlamaConfig {
             None => u("vocab_size")?,
         };
         let tie_embeddings = !content.tensor_infos.contains_key("output.weight");
+        let head_dim = u("attention.key_length").unwrap_or(hidden / n_heads.max(1));
+        refuse_gguf_rope_variants(content, head_dim)?;
         let cfg = Self {
             n_layers: u("block_count")?,
             hidden,
             n_heads,
             n_kv_heads,
-            head_dim: u("attention.key_length").unwrap_or(hidden / n_heads.max(1)),
+            head_dim,
             intermediate: u("feed_forward_length")?,
             vocab,
             rope_theta: f("rope.freq_base", 10_000.0),
@@ -62,10 +64,20 @@ impl LlamaConfig {
         cfg.validate()
     }
 
-    /// From a HF `config.json` (LlamaForCausalLM and compatible).
+    /// From a HF `config.json` (LlamaForCausalLM and compatible); refuses other model types
+    /// and the Llama variants this model file does not implement (RoPE scaling, partial
+    /// rotary dimensions, biased projections, activations other than SiLU), which would
+    /// otherwise load and give wrong logits.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         #[derive(Deserialize)]
         struct Hf {
+            model_type: Option<String>,
+            architectures: Option<Vec<String>>,
+            rope_scaling: Option<serde_json::Value>,
+            partial_rotary_factor: Option<f32>,
+            attention_bias: Option<bool>,
+            mlp_bias: Option<bool>,
+            hidden_act: Option<String>,
             num_hidden_layers: usize,
             hidden_size: usize,
             num_attention_heads: usize,
@@ -79,6 +91,29 @@ impl LlamaConfig {
             tie_word_embeddings: Option<bool>,
         }
         let h: Hf = serde_json::from_str(text).map_err(|e| ModelError::BadModel(format!("config.json: {e}")))?;
+        let unsupported = |what: String| Err(ModelError::Unsupported(format!("config.json: {what}")));
+        if let Some(t) = h.model_type.as_deref().filter(|t| *t != "llama") {
+            return unsupported(format!("model_type {t:?}: flora runs Llama-family checkpoints (model_type \"llama\")"));
+        }
+        if let Some(a) = h.architectures.as_ref().filter(|a| !a.iter().any(|a| a == "LlamaForCausalLM")) {
+            return unsupported(format!("architectures {a:?}: flora runs LlamaForCausalLM checkpoints"));
+        }
+        if let Some(scaling) = h.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str()).unwrap_or("?");
+            let factor = scaling.get("factor").and_then(|v| v.as_f64());
+            if !(kind == "default" || (kind == "linear" && factor == Some(1.0))) {
+                return unsupported(format!("rope_scaling {scaling}: RoPE scaling is not implemented (plain RoPE only)"));
+            }
+        }
+        if let Some(f) = h.partial_rotary_factor.filter(|f| *f != 1.0) {
+            return unsupported(format!("partial_rotary_factor {f}: RoPE over part of a head is not implemented"));
+        }
+        if h.attention_bias == Some(true) || h.mlp_bias == Some(true) {
+            return unsupported("attention_bias / mlp_bias: projections with biases are not implemented".into());
+        }
+        if let Some(act) = h.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return unsupported(format!("hidden_act {act:?}: the MLP is SwiGLU (silu)"));
+        }
         Self {
             n_layers: h.num_hidden_layers,
             hidden: h.hidden_size,
@@ -133,4 +168,32 @@ impl LlamaConfig {
             tie_embeddings: true,
         }
     }
+}
+
+/// Refuses the RoPE variants a Llama GGUF can declare that this model file does not implement:
+/// frequency factors (Llama 3.1's `rope_freqs.weight`), scaling other than none (or linear by
+/// 1), and rotation over part of a head (`rope.dimension_count` < head_dim). Loading them
+/// anyway would give wrong logits without an error.
+fn refuse_gguf_rope_variants(content: &gguf_file::Content, head_dim: usize) -> Result<()> {
+    let md = &content.metadata;
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(ModelError::Unsupported(
+            "RoPE frequency factors (tensor rope_freqs.weight, as in Llama 3.1+) are not implemented".into(),
+        ));
+    }
+    let scaling = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("none");
+    let factor = md.get("llama.rope.scaling.factor").and_then(|v| v.to_f32().ok()).unwrap_or(1.0);
+    if !(scaling == "none" || (scaling == "linear" && factor == 1.0)) {
+        return Err(ModelError::Unsupported(format!(
+            "RoPE scaling {scaling:?} (factor {factor}) is not implemented (plain RoPE only)"
+        )));
+    }
+    if let Some(dims) = md.get("llama.rope.dimension_count").and_then(|v| v.to_u32().ok()) {
+        if dims as usize != head_dim {
+            return Err(ModelError::Unsupported(format!(
+                "RoPE over {dims} of a head's {head_dim} dimensions (llama.rope.dimension_count) is not implemented"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -72,6 +72,18 @@ fn gguf_name_to_hf(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
+/// A GGUF header that does not parse. A tensor type the reader does not know (its message is
+/// "unknown dtype for tensor N") is a quantization flora cannot dequantize; say so.
+fn gguf_header_error(msg: &str) -> String {
+    match msg.split("unknown dtype for tensor ").nth(1) {
+        Some(rest) => format!(
+            "unsupported quantization: a tensor has ggml type {} (flora dequantizes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K-Q8_K; re-quantize the model to one of these)",
+            rest.chars().take_while(char::is_ascii_digit).collect::<String>()
+        ),
+        None => format!("unreadable GGUF header: {msg}"),
+    }
+}
+
 /// Undoes llama.cpp's q/k row permutation: rows grouped [heads, hd/2, 2] -> [heads, 2, hd/2].
 pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let (out, d_in) = w.dims2()?;
@@ -81,12 +93,14 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
 
 fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let mut file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| file_err(path, format!("unreadable GGUF header: {e}")))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| file_err(path, gguf_header_error(&e.to_string())))?;
     let config = LlamaConfig::from_gguf(&content).map_err(|e| file_err(path, e))?;
     let file_len = file.metadata().map_err(|e| file_err(path, e))?.len();
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
+    let unknown: Vec<&str> = names.iter().filter(|n| gguf_name_to_hf(n).is_none()).map(|n| n.as_str()).collect();
+    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     for name in names {
         let info = &content.tensor_infos[name];
         let Some(hf) = gguf_name_to_hf(name) else { continue };
@@ -134,15 +148,50 @@ fn load_safetensors(path: &Path) -> Result<Checkpoint> {
     for f in files {
         let loaded = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| file_err(&f, e))?;
         for (k, v) in loaded {
+            // Older checkpoints save RoPE's frequency table as a buffer; it is recomputed.
+            // A tied checkpoint may also save its LM head: it is the embedding, shared.
+            if k.ends_with("rotary_emb.inv_freq") || (config.tie_embeddings && k == "lm_head.weight") {
+                continue;
+            }
             tensors.insert(k, v.to_dtype(DType::F32)?);
         }
     }
+    let wanted: std::collections::HashSet<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
+    let mut unknown: Vec<&str> = tensors.keys().filter(|k| !wanted.contains(*k)).map(String::as_str).collect();
+    unknown.sort();
+    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     check_complete(&config, &tensors).map_err(|e| file_err(path, e))?;
     Ok(Checkpoint { config, tensors, gguf: None })
 }
 
+/// Tensors the model does not use (biases, extra heads, RoPE factors) mean a variant this
+/// model file does not implement: loading without them would give wrong logits silently.
+fn refuse_unknown(unknown: &[&str]) -> std::result::Result<(), String> {
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let shown = unknown.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    let more = if unknown.len() > 5 { format!(" and {} more", unknown.len() - 5) } else { String::new() };
+    Err(format!(
+        "{} tensor(s) a Llama model does not have: {shown}{more} (a model variant flora does not implement)",
+        unknown.len()
+    ))
+}
+
 /// Every tensor the model needs is present with the right shape.
 fn check_complete(cfg: &LlamaConfig, t: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    for (name, dims) in expected_tensors(cfg) {
+        match t.get(&name) {
+            None => return Err(format!("missing tensor {name}")),
+            Some(x) if x.dims() != dims.as_slice() => return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", x.dims())),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The tensors (HF names) and shapes a model of `cfg` is made of.
+fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let mut want: Vec<(String, Vec<usize>)> = vec![
         ("model.embed_tokens.weight".into(), vec![cfg.vocab, cfg.hidden]),
         ("model.norm.weight".into(), vec![cfg.hidden]),
@@ -162,12 +211,5 @@ fn check_complete(cfg: &LlamaConfig, t: &HashMap<String, Tensor>) -> std::result
         want.push((format!("{p}.mlp.up_proj.weight"), vec![cfg.intermediate, cfg.hidden]));
         want.push((format!("{p}.mlp.down_proj.weight"), vec![cfg.hidden, cfg.intermediate]));
     }
-    for (name, dims) in want {
-        match t.get(&name) {
-            None => return Err(format!("missing tensor {name}")),
-            Some(x) if x.dims() != dims.as_slice() => return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", x.dims())),
-            _ => {}
-        }
-    }
-    Ok(())
+    want
 }
