@@ -12,6 +12,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "flora", version, about = "Batched fLoRA / LoRA / IA3 adapters over one foundation model", long_about = None)]
 struct Cli {
+    /// Cache directory: the default model is looked for (and fetched on first use) under
+    /// DIR/models. Default: ~/.cache/flora
+    #[arg(long, global = true, env = "FLORA_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +56,10 @@ fn keep_large_allocations_mapped() {
 fn main() -> anyhow::Result<()> {
     keep_large_allocations_mapped();
     let cli = Cli::parse();
+    if let Some(dir) = &cli.cache_dir {
+        // The library reads the cache from this variable; set before any thread starts.
+        std::env::set_var("FLORA_CACHE_DIR", dir);
+    }
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::Generate(args) => generate::run(args),

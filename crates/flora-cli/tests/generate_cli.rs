@@ -1,0 +1,131 @@
+//! `flora generate` and the model cache from the command line, on the real default model:
+//! greedy output is the reference continuation (f32 weights, prompt not echoed), the sampling
+//! flags act (seed, top-k, stop strings, refused values), a prompt over the context is a clear
+//! error, and `--cache-dir` finds the default model, or says how fetching it failed and leaves
+//! nothing behind.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs flora with `args` (no model-selecting variables inherited) and `env` set.
+fn flora(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flora"));
+    cmd.args(args).env("RAYON_NUM_THREADS", "2").env_remove("FLORA_MODEL").env_remove("FLORA_WEIGHTS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run flora");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn model() -> String {
+    flora_model::default_model::resolve_model(None).expect("default model").display().to_string()
+}
+
+fn generate(model: &str, prompt: &str, extra: &[&str]) -> (bool, String, String) {
+    let args = [&["generate", "--model", model, "--weights", "f32", "--prompt", prompt][..], extra].concat();
+    flora(&args, &[])
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flora-generate-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The reference's 32-token greedy continuations (transformers, f32) of the plain and code
+/// prompts: every top-1 margin there is at least 0.025, so f32 greedy decoding must reproduce
+/// them; `flora generate` stops at the end-of-turn token and ends its output with a newline.
+#[test]
+fn greedy_generate_prints_the_reference_continuation() {
+    let model = model();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/smollm2/logits_ref.json");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(data).unwrap()).unwrap();
+    for name in ["plain", "code"] {
+        let p = reference["prompts"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap();
+        let greedy = p["greedy"]["text"].as_str().unwrap();
+        let want = format!("{}\n", greedy.split("<|im_end|>").next().unwrap());
+        let (ok, got, err) = generate(&model, p["text"].as_str().unwrap(), &["--temperature", "0", "--max-tokens", "32"]);
+        assert!(ok, "{err}");
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn sampling_flags_act_from_the_command_line() {
+    let model = model();
+    let prompt = "The capital of France is";
+    let (ok, greedy, err) = generate(&model, prompt, &["--temperature", "0", "--max-tokens", "16"]);
+    assert!(ok, "{err}");
+    assert!(greedy.starts_with(" Paris.\n\nThe answer is"), "{greedy:?}");
+
+    // The same seed gives the same sample; another seed, another one.
+    let sampled = |seed: &str| {
+        let (ok, out, err) = generate(&model, prompt, &["--temperature", "1.2", "--seed", seed, "--max-tokens", "24"]);
+        assert!(ok, "{err}");
+        out
+    };
+    let a = sampled("7");
+    assert_eq!(sampled("7"), a);
+    assert_ne!(sampled("8"), a);
+
+    // Top-k 1 samples the argmax at any temperature.
+    let (ok, top1, err) = generate(&model, prompt, &["--temperature", "1.5", "--top-k", "1", "--seed", "3", "--max-tokens", "16"]);
+    assert!(ok, "{err}");
+    assert_eq!(top1, greedy);
+
+    // A stop string ends the output before it.
+    let (ok, stopped, err) = generate(&model, prompt, &["--temperature", "0", "--max-tokens", "16", "--stop", "answer"]);
+    assert!(ok, "{err}");
+    assert_eq!(stopped, " Paris.\n\nThe \n");
+
+    // Values out of range are refused by name.
+    for (flag, value) in [("--top-p", "1.5"), ("--temperature", "-1"), ("--min-p", "2")] {
+        let (ok, _, err) = generate(&model, prompt, &[&format!("{flag}={value}")]);
+        assert!(!ok && err.contains(flag) && !err.contains("panicked"), "{flag} {value}: {err}");
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let model = model();
+    let long = "word ".repeat(9000);
+    let (ok, out, err) = generate(&model, &long, &["--max-tokens", "1"]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("exceeds the model's context of 8192 tokens") && !err.contains("panicked"), "{err}");
+}
+
+/// `--cache-dir` (or `$FLORA_CACHE_DIR`) is where the default model is looked for; when it is
+/// missing and cannot be fetched (no python3 on the PATH here), the error says what to do and
+/// the cache keeps no partial download.
+#[test]
+fn cache_dir_flag_finds_the_default_model_or_explains_the_failed_fetch() {
+    let real = PathBuf::from(model());
+    let cache = tmp("cache");
+    std::fs::create_dir_all(cache.join("models")).unwrap();
+    std::os::unix::fs::symlink(&real, cache.join("models").join(real.file_name().unwrap())).unwrap();
+    let cache_s = cache.display().to_string();
+    for args in [&["--cache-dir", &cache_s, "tokenize", "12345"][..], &["tokenize", "--cache-dir", &cache_s, "12345"][..]] {
+        let (ok, out, err) = flora(args, &[("FLORA_CACHE_DIR", "/nonexistent")]);
+        assert!(ok, "{args:?}: {err}");
+        assert_eq!(out.trim(), "[33,34,35,36,37]");
+    }
+    let (ok, out, err) = flora(&["tokenize", "12345"], &[("FLORA_CACHE_DIR", &cache_s)]);
+    assert!(ok && out.trim() == "[33,34,35,36,37]", "{err}");
+
+    let empty = tmp("empty-cache");
+    let no_tools = tmp("no-tools");
+    let (ok, _, err) = flora(
+        &["--cache-dir", &empty.display().to_string(), "tokenize", "hi"],
+        &[("PATH", &no_tools.display().to_string())],
+    );
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    assert!(err.contains("fetching the default model") && err.contains("python3") && err.contains("--model PATH"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(empty.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    for d in [&cache, &empty, &no_tools] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
