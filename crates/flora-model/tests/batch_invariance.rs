@@ -2,8 +2,9 @@
 //! then draws the same tokens however busy the server is. The real default model, in f32 and
 //! bf16, with a context long enough for batch-1 attention to split its positions between the
 //! threads, decoded alone and beside 2, 5 and 9 other sequences (3 rows: f32 products split
-//! over k; 6 and 10 rows: split over columns, in full and partial register blocks). The
-//! subject runs the base model, then a LoRA adapter; the companions mix the base model, LoRA,
+//! over k; 6 and 10 rows: split over columns, in full and partial register blocks), and beside
+//! 4 others plus a 24-token prefill chunk (29 rows: the prefill blocking). The subject runs the
+//! base model, then LoRA, IA3 and fLoRA adapters; the companions mix the base model, LoRA,
 //! input-side IA3 and fLoRA, so their steps leave the path where every row enters the shared
 //! GEMM unchanged.
 
@@ -19,8 +20,10 @@ const LORA: u32 = 0;
 const IA3: u32 = 1;
 const FLORA: u32 = 2;
 
-/// The subject's logits at each of its decode steps, beside `companions` other sequences.
-fn subject_logits(model: &Llama, adapters: &ModelAdapters, subject: Option<u32>, companions: usize) -> Vec<Vec<f32>> {
+/// The subject's logits at each of its decode steps, beside `companions` other decoding
+/// sequences and, with `chunk`, one more sequence prefilling `chunk` prompt tokens in every
+/// step (through fLoRA).
+fn subject_logits(model: &Llama, adapters: &ModelAdapters, subject: Option<u32>, companions: usize, chunk: Option<usize>) -> Vec<Vec<f32>> {
     let prompt: Vec<u32> = (0..140).map(|i| 100 + (i * 37) % 5000).collect();
     let mut cache = model.new_cache();
     model.step(&mut [SeqStep { tokens: &prompt, cache: &mut cache, slot: subject, logits: Logits::None }], Some(adapters)).unwrap();
@@ -31,12 +34,17 @@ fn subject_logits(model: &Llama, adapters: &ModelAdapters, subject: Option<u32>,
         model.step(&mut [SeqStep { tokens: &p, cache: c, slot: slot_of(i), logits: Logits::None }], Some(adapters)).unwrap();
     }
     let vocab = model.config().vocab;
+    let mut prefilling = model.new_cache();
+    let long_prompt: Vec<u32> = (0..3 * chunk.unwrap_or(0)).map(|t| 400 + (t * 29) as u32 % 3000).collect();
     let mut out = Vec::new();
     for (s, token) in [17u32, 4242, 901].into_iter().enumerate() {
         let other_tokens: Vec<[u32; 1]> = (0..companions).map(|i| [(300 + 11 * i + s) as u32]).collect();
         let mut steps = vec![SeqStep { tokens: std::slice::from_ref(&token), cache: &mut cache, slot: subject, logits: Logits::Last }];
         for (i, (c, t)) in others.iter_mut().zip(&other_tokens).enumerate() {
             steps.push(SeqStep { tokens: t, cache: c, slot: slot_of(i), logits: Logits::Last });
+        }
+        if let Some(n) = chunk {
+            steps.push(SeqStep { tokens: &long_prompt[s * n..(s + 1) * n], cache: &mut prefilling, slot: Some(FLORA), logits: Logits::Last });
         }
         // The subject in the middle of the step, not always its first row.
         let at = companions / 2;
@@ -70,13 +78,13 @@ fn a_sequences_logits_do_not_depend_on_its_step_companions() {
         model.set_lora_tables(lora_tables);
         let packed = model.pack_adapters(&adapters.iter().collect::<Vec<_>>()).unwrap();
         pool.install(|| {
-            for subject in [None, Some(LORA)] {
-                let alone = subject_logits(&model, &packed, subject, 0);
-                for companions in [2, 5, 9] {
-                    let beside = subject_logits(&model, &packed, subject, companions);
+            for subject in [None, Some(LORA), Some(IA3), Some(FLORA)] {
+                let alone = subject_logits(&model, &packed, subject, 0, None);
+                for (companions, chunk) in [(2, None), (5, None), (9, None), (4, Some(24))] {
+                    let beside = subject_logits(&model, &packed, subject, companions, chunk);
                     for (s, (a, b)) in alone.iter().zip(&beside).enumerate() {
                         let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-                        assert_eq!(differ, 0, "{format} ({lora_tables} LoRA tables), subject slot {subject:?}: decode step {s} beside {companions} others: {differ} logits differ from the sequence alone");
+                        assert_eq!(differ, 0, "{format} ({lora_tables} LoRA tables), subject slot {subject:?}: decode step {s} beside {companions} others and a prefill chunk of {chunk:?}: {differ} logits differ from the sequence alone");
                     }
                 }
             }

@@ -8,8 +8,10 @@ use flora_model::{Llama, Logits, SeqStep};
 use serde_json::Value;
 use std::path::PathBuf;
 
-/// Max |ours - reference| over all logits of a row, relative to the row's largest |logit|.
-const TOL: f32 = 1e-3;
+/// Max |ours - reference| over every logit of a row (f32 weights), absolute. Measured: 3e-5 to
+/// 6.2e-5 (rows whose largest |logit| is 20-34), in the inference step and the training
+/// forward alike; the bound leaves room for another summation order (other CPUs' kernels).
+const TOL: f32 = 5e-4;
 
 fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/smollm2")
@@ -50,14 +52,15 @@ fn logits_and_greedy_tokens_match_the_reference() {
         let last = rows.last().unwrap();
         let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
         let err = last.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(err <= TOL * scale, "{name}: max |logit diff| {err} (scale {scale})");
+        eprintln!("{name}: inference step, f32: max |logit diff| {err:.2e} (scale {scale:.2})");
+        assert!(err <= TOL, "{name}: max |logit diff| {err} (scale {scale})");
         // Argmax at every position and the first positions' top-10 values.
         let want_argmax: Vec<u32> = p["argmax_per_position"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(rows.iter().map(|r| argmax(r)).collect::<Vec<_>>(), want_argmax, "{name}: argmax per position");
         for (pos, top) in p["first_positions_top10"].as_array().unwrap().iter().enumerate() {
             for pair in top.as_array().unwrap() {
                 let (id, v) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
-                assert!((rows[pos][id] - v).abs() <= TOL * v.abs().max(1.0) * 4.0, "{name}: position {pos} id {id}: {} vs {v}", rows[pos][id]);
+                assert!((rows[pos][id] - v).abs() <= TOL, "{name}: position {pos} id {id}: {} vs {v}", rows[pos][id]);
             }
         }
         // Greedy continuation through the KV cache, token for token (up to a near-tie).
@@ -76,6 +79,29 @@ fn logits_and_greedy_tokens_match_the_reference() {
             next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
         }
         assert!(matched >= 8, "{name}: only {matched} greedy tokens compared");
+    }
+}
+
+/// The training forward (candle ops that record gradients) on the real model: the same
+/// reference logits and argmax at every position as the inference step.
+#[test]
+fn training_forward_matches_the_reference() {
+    let path = flora_model::default_model::resolve_model(None).expect("default model");
+    let model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(data().join("logits_ref.json")).unwrap()).unwrap();
+    let (_, last_all) = read_npy(&data().join("logits_ref_last.npy"));
+    let vocab = model.config().vocab;
+    for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
+        let name = p["name"].as_str().unwrap();
+        let ids: Vec<u32> = p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let rows: Vec<Vec<f32>> = model.forward_train(&[ids], &[None], None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let want = &last_all[pi * vocab..(pi + 1) * vocab];
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        let err = rows.last().unwrap().iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{name}: training forward: max |logit diff| {err:.2e} (scale {scale:.2})");
+        assert!(err <= TOL, "{name}: training forward: max |logit diff| {err} (scale {scale})");
+        let want_argmax: Vec<u32> = p["argmax_per_position"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(rows.iter().map(|r| argmax(r)).collect::<Vec<_>>(), want_argmax, "{name}: training forward argmax per position");
     }
 }
 
