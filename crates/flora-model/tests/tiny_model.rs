@@ -7,7 +7,7 @@ mod common;
 use candle_core::Tensor;
 use common::random_adapter;
 use flora_adapters::init::{self, WeightRng};
-use flora_adapters::{AdapterKind, AdapterWeights};
+use flora_adapters::{AdapterKind, AdapterWeights, WeightFormat};
 use flora_model::adapters::{Adapter, ModelAdapters};
 use flora_model::{Llama, LlamaConfig, Logits, Proj, SeqStep};
 use std::collections::BTreeMap;
@@ -235,6 +235,31 @@ fn identity_adapters_give_base_logits() {
         let l = logits_rows(&model.forward_train(&[toks.clone()], &[Some(slot)], Some(&packed)).unwrap().squeeze(0).unwrap());
         let d = max_diff(&l, &base);
         assert!(d < 1e-4, "identity {} adapter changes logits by {d}", adapters[slot as usize].kind);
+    }
+    // The inference step, in both weight formats: LoRA's zero B adds exact zeros and IA3's
+    // ones scale exactly, so their logits are the base's bits; fLoRA's mean of r components
+    // equals the base up to rounding (in bf16, of the inputs the components multiply; measured
+    // 7e-7 in f32 and 1.7e-2 in bf16).
+    let mut model = model;
+    for (format, flora_tol) in [(WeightFormat::F32, 1e-4), (WeightFormat::Bf16, 5e-2)] {
+        model.set_weight_format(format).unwrap();
+        let packed = model.pack_adapters(&adapters.iter().collect::<Vec<_>>()).unwrap();
+        let step = |slot: Option<u32>| {
+            let mut cache = model.new_cache();
+            let l = model.step(&mut [SeqStep { tokens: &toks, cache: &mut cache, slot, logits: Logits::All }], Some(&packed)).unwrap();
+            logits_rows(&l)
+        };
+        let base = step(None);
+        for slot in 0..3u32 {
+            let kind = adapters[slot as usize].kind;
+            let l = step(Some(slot));
+            if kind == AdapterKind::Flora {
+                let d = max_diff(&l, &base);
+                assert!(d < flora_tol, "{format}: identity fLoRA adapter changes step logits by {d}");
+            } else {
+                assert_eq!(l, base, "{format}: identity {kind} adapter must give the base's step logits exactly");
+            }
+        }
     }
 }
 
