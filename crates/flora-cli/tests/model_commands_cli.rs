@@ -1,8 +1,9 @@
-//! `flora generate` and the model cache from the command line, on the real default model:
-//! greedy output is the reference continuation (f32 weights, prompt not echoed), the sampling
-//! flags act (seed, top-k, stop strings, refused values), a prompt over the context is a clear
-//! error, and `--cache-dir` finds the default model, or says how fetching it failed and leaves
-//! nothing behind.
+//! The model commands from the command line, on the real default model: `flora tokenize`
+//! prints the reference tokenizer's ids (code, numbers, whitespace, emoji, special tokens);
+//! `flora generate`'s greedy output is the reference continuation (f32 weights, prompt not
+//! echoed), the sampling flags act (seed, top-k, stop strings, refused values), a prompt over
+//! the context is a clear error; `--cache-dir` finds the default model, or says how fetching it
+//! failed and leaves nothing behind.
 
 use serde_json::Value;
 use std::path::PathBuf;
@@ -33,6 +34,21 @@ fn tmp(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[test]
+fn tokenize_prints_the_reference_ids() {
+    let model = model();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/smollm2/tokenizer_ref.json");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(data).unwrap()).unwrap();
+    let tags = ["python", "million", "multi_spaces", "korean", "emoji_zwj_family", "chatml_full", "special_like_not"];
+    for tag in tags {
+        let case = reference["cases"].as_array().unwrap().iter().find(|c| c["tag"] == tag).unwrap();
+        let (ok, out, err) = flora(&["tokenize", "--model", &model, case["text"].as_str().unwrap()], &[]);
+        assert!(ok, "{tag}: {err}");
+        let got: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{tag}: not a JSON array ({e}): {out}"));
+        assert_eq!(got, case["ids"], "{tag}");
+    }
 }
 
 /// The reference's 32-token greedy continuations (transformers, f32) of the plain and code
