@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from llama_cpp import Llama  # imported late so --help works without the package
+    import llama_cpp  # imported late so --help works without the package
+    from llama_cpp import Llama
 
     llm = Llama(model_path=str(args.model), n_ctx=2048, n_threads=args.threads, n_batch=512, verbose=False, logits_all=False)
     vocab = llm.n_vocab()
@@ -46,6 +47,8 @@ def main() -> None:
         decode.append(args.decode / (time.perf_counter() - t))
     print(json.dumps({
         "engine": "llama.cpp via llama-cpp-python",
+        "version": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode().strip(),
         "model": str(args.model),
         "threads": args.threads,
         "prompt_len": args.prompt_len,
