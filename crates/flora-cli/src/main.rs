@@ -12,9 +12,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "flora", version, about = "Batched fLoRA / LoRA / IA3 adapters over one foundation model", long_about = None)]
 struct Cli {
-    /// Cache directory: the default model is looked for (and fetched on first use) under
-    /// DIR/models. Default: ~/.cache/flora
-    #[arg(long, global = true, env = "FLORA_CACHE_DIR", value_name = "DIR")]
+    /// Cache directory: the default model (DIR/models, fetched on first use) and `flora
+    /// serve`'s default adapters directory (DIR/adapters). Default: $FLORA_CACHE_DIR, else
+    /// ~/.cache/flora
+    #[arg(long, global = true, value_name = "DIR")]
     cache_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,

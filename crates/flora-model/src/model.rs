@@ -14,7 +14,7 @@ use crate::kv_cache::KvCache;
 use crate::layers::{causal_attention, rms_norm, Rope};
 use crate::rows;
 use crate::weights::Checkpoint;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use flora_adapters::{adapted_linear, adapted_linear_rows, adapted_linear_rows_many, AdapterBatch, BaseWeight, ExecOptions, LoraTables, SlotId, WeightFormat};
 
 /// The seven adaptable projections of a block, in PEFT's module names.
@@ -154,33 +154,7 @@ impl Llama {
 
     /// A random model (tests): weights ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), norms ~ 1.
     pub fn random(cfg: LlamaConfig, seed: u64) -> Result<Self> {
-        let mut rng = flora_adapters::init::WeightRng::new(seed);
-        let dev = Device::Cpu;
-        let mut tensors = std::collections::HashMap::new();
-        let mut put = |name: String, dims: (usize, usize), rng: &mut flora_adapters::init::WeightRng| -> Result<()> {
-            let t = Tensor::from_vec(rng.uniform(dims.0 * dims.1, 1.0 / (dims.1 as f32).sqrt()), dims, &dev)?;
-            tensors.insert(name, t);
-            Ok(())
-        };
-        put("model.embed_tokens.weight".into(), (cfg.vocab, cfg.hidden), &mut rng)?;
-        if !cfg.tie_embeddings {
-            put("lm_head.weight".into(), (cfg.vocab, cfg.hidden), &mut rng)?;
-        }
-        for i in 0..cfg.n_layers {
-            for pr in Proj::ALL {
-                let (di, dout) = pr.dims(&cfg);
-                put(format!("model.layers.{i}.{}.weight", pr.path()), (dout, di), &mut rng)?;
-            }
-        }
-        let norm = |rng: &mut flora_adapters::init::WeightRng| -> Result<Tensor> {
-            let v: Vec<f32> = rng.uniform(cfg.hidden, 0.2).into_iter().map(|x| 1.0 + x).collect();
-            Ok(Tensor::from_vec(v, cfg.hidden, &dev)?)
-        };
-        tensors.insert("model.norm.weight".into(), norm(&mut rng)?);
-        for i in 0..cfg.n_layers {
-            tensors.insert(format!("model.layers.{i}.input_layernorm.weight"), norm(&mut rng)?);
-            tensors.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), norm(&mut rng)?);
-        }
+        let tensors = crate::weights::random_tensors(&cfg, seed)?;
         Self::from_checkpoint(Checkpoint { config: cfg, tensors, gguf: None })
     }
 

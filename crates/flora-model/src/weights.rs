@@ -10,7 +10,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// Named f32 tensors in HF naming, plus the config.
@@ -99,11 +99,11 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
-    let unknown: Vec<&str> = names.iter().filter(|n| gguf_name_to_hf(n).is_none()).map(|n| n.as_str()).collect();
-    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
+    let wanted: HashSet<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
+    let unknown: Vec<&str> = names.iter().filter(|n| gguf_name_to_hf(n).is_none_or(|hf| !wanted.contains(&hf))).map(|n| n.as_str()).collect();
     for name in names {
         let info = &content.tensor_infos[name];
-        let Some(hf) = gguf_name_to_hf(name) else { continue };
+        let Some(hf) = gguf_name_to_hf(name).filter(|hf| wanted.contains(hf)) else { continue };
         let end = content.tensor_data_offset + info.offset + (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
         if end > file_len {
             return Err(file_err(path, format!("truncated: tensor {name} ends at byte {end}, the file has {file_len}")));
@@ -123,6 +123,7 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
         tensors.insert(hf, t);
     }
     check_complete(&config, &tensors).map_err(|e| file_err(path, e))?;
+    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     Ok(Checkpoint { config, tensors, gguf: Some(content) })
 }
 
@@ -156,11 +157,11 @@ fn load_safetensors(path: &Path) -> Result<Checkpoint> {
             tensors.insert(k, v.to_dtype(DType::F32)?);
         }
     }
-    let wanted: std::collections::HashSet<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
+    let wanted: HashSet<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
     let mut unknown: Vec<&str> = tensors.keys().filter(|k| !wanted.contains(*k)).map(String::as_str).collect();
     unknown.sort();
-    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     check_complete(&config, &tensors).map_err(|e| file_err(path, e))?;
+    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     Ok(Checkpoint { config, tensors, gguf: None })
 }
 
@@ -212,4 +213,39 @@ fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         want.push((format!("{p}.mlp.down_proj.weight"), vec![cfg.hidden, cfg.intermediate]));
     }
     want
+}
+
+/// Random weights in HF naming for a model of `cfg` (tests, benchmarks): projections and
+/// embeddings ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), norms ~ 1 + U(-0.2, 0.2); an LM head of its
+/// own when the embeddings are untied.
+pub fn random_tensors(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    use crate::model::Proj;
+    let mut rng = flora_adapters::init::WeightRng::new(seed);
+    let dev = Device::Cpu;
+    let mut tensors = HashMap::new();
+    let mut put = |name: String, dims: (usize, usize), rng: &mut flora_adapters::init::WeightRng| -> Result<()> {
+        let t = Tensor::from_vec(rng.uniform(dims.0 * dims.1, 1.0 / (dims.1 as f32).sqrt()), dims, &dev)?;
+        tensors.insert(name, t);
+        Ok(())
+    };
+    put("model.embed_tokens.weight".into(), (cfg.vocab, cfg.hidden), &mut rng)?;
+    if !cfg.tie_embeddings {
+        put("lm_head.weight".into(), (cfg.vocab, cfg.hidden), &mut rng)?;
+    }
+    for i in 0..cfg.n_layers {
+        for pr in Proj::ALL {
+            let (di, dout) = pr.dims(cfg);
+            put(format!("model.layers.{i}.{}.weight", pr.path()), (dout, di), &mut rng)?;
+        }
+    }
+    let norm = |rng: &mut flora_adapters::init::WeightRng| -> Result<Tensor> {
+        let v: Vec<f32> = rng.uniform(cfg.hidden, 0.2).into_iter().map(|x| 1.0 + x).collect();
+        Ok(Tensor::from_vec(v, cfg.hidden, &dev)?)
+    };
+    tensors.insert("model.norm.weight".into(), norm(&mut rng)?);
+    for i in 0..cfg.n_layers {
+        tensors.insert(format!("model.layers.{i}.input_layernorm.weight"), norm(&mut rng)?);
+        tensors.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), norm(&mut rng)?);
+    }
+    Ok(tensors)
 }

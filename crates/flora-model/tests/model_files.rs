@@ -2,6 +2,7 @@
 //! foreign or corrupt file is a clear error.
 
 use candle_core::{DType, Device, Tensor};
+use flora_model::weights::random_tensors;
 use flora_model::{Llama, LlamaConfig, Logits, SeqStep};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,36 +13,9 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// Random tensors in HF layout for `cfg` (an LM head of its own when `lm_head` is given).
-fn random_hf_tensors(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
-    let mut rng = flora_adapters::init::WeightRng::new(seed);
-    let mut tensors = HashMap::new();
-    let mut put = |name: String, dims: Vec<usize>| {
-        let n: usize = dims.iter().product();
-        tensors.insert(name, Tensor::from_vec(rng.uniform(n, 0.3), dims, &Device::Cpu).unwrap());
-    };
-    put("model.embed_tokens.weight".into(), vec![cfg.vocab, cfg.hidden]);
-    put("model.norm.weight".into(), vec![cfg.hidden]);
-    for i in 0..cfg.n_layers {
-        put(format!("model.layers.{i}.input_layernorm.weight"), vec![cfg.hidden]);
-        put(format!("model.layers.{i}.post_attention_layernorm.weight"), vec![cfg.hidden]);
-        for p in flora_model::Proj::ALL {
-            let (di, dout) = p.dims(cfg);
-            put(format!("model.layers.{i}.{}.weight", p.path()), vec![dout, di]);
-        }
-    }
-    tensors
-}
-
-/// A HF `config.json` for `cfg`, with `extra` keys merged in.
+/// `cfg`'s HF `config.json` with `extra` keys merged in.
 fn hf_config(cfg: &LlamaConfig, extra: serde_json::Value) -> String {
-    let mut config = serde_json::json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-        "num_hidden_layers": cfg.n_layers, "hidden_size": cfg.hidden, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.intermediate, "vocab_size": cfg.vocab,
-        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps, "max_position_embeddings": cfg.context,
-        "tie_word_embeddings": cfg.tie_embeddings, "rope_scaling": null
-    });
+    let mut config = cfg.to_hf_json();
     for (k, v) in extra.as_object().unwrap() {
         config[k] = v.clone();
     }
@@ -68,7 +42,7 @@ fn logits_both_ways(model: &Llama, toks: &[u32]) -> Vec<Vec<f32>> {
 fn safetensors_checkpoint_loads_and_matches() {
     let cfg = LlamaConfig::tiny();
     let dir = tmp("st");
-    let tensors = random_hf_tensors(&cfg, 3);
+    let tensors = random_tensors(&cfg, 3).unwrap();
     write_checkpoint(&dir, &tensors, &hf_config(&cfg, serde_json::json!({})));
     let ck = flora_model::weights::load(&dir).unwrap();
     assert_eq!(ck.config, cfg);
@@ -88,7 +62,7 @@ fn untied_lm_head_is_read() {
     let untied_cfg = LlamaConfig { tie_embeddings: false, ..LlamaConfig::tiny() };
     let toks = [7u32, 1, 30, 12, 3];
     let dir = tmp("untied");
-    let mut tensors = random_hf_tensors(&tied_cfg, 4);
+    let mut tensors = random_tensors(&tied_cfg, 4).unwrap();
     write_checkpoint(&dir, &tensors, &hf_config(&tied_cfg, serde_json::json!({})));
     let tied = logits_both_ways(&Llama::from_checkpoint(flora_model::weights::load(&dir).unwrap()).unwrap(), &toks);
 
@@ -116,27 +90,41 @@ fn untied_lm_head_is_read() {
 fn unimplemented_llama_variants_in_safetensors_are_refused() {
     let cfg = LlamaConfig::tiny();
     let dir = tmp("variants");
-    let tensors = random_hf_tensors(&cfg, 5);
+    let tensors = random_tensors(&cfg, 5).unwrap();
     let cases = [
         (serde_json::json!({"model_type": "qwen2"}), "model_type \"qwen2\""),
-        (serde_json::json!({"architectures": ["MistralForCausalLM"]}), "MistralForCausalLM"),
+        (serde_json::json!({"architectures": ["Qwen2ForCausalLM"]}), "Qwen2ForCausalLM"),
         (serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "RoPE scaling"),
         (serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}), "RoPE scaling"),
         (serde_json::json!({"partial_rotary_factor": 0.5}), "partial_rotary_factor"),
         (serde_json::json!({"attention_bias": true}), "biases"),
         (serde_json::json!({"mlp_bias": true}), "biases"),
         (serde_json::json!({"hidden_act": "gelu"}), "gelu"),
+        (serde_json::json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}}), "RoPE scaling"),
+        (serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 64}), "sliding-window"),
     ];
     for (extra, want) in cases {
         write_checkpoint(&dir, &tensors, &hf_config(&cfg, extra.clone()));
         let err = flora_model::weights::load(&dir).err().unwrap_or_else(|| panic!("{extra} must be refused")).to_string();
         assert!(err.contains("unsupported") && err.contains(want), "{extra}: {err}");
     }
-    // Plain RoPE spelled out, and linear scaling by 1, are plain RoPE.
-    for extra in [serde_json::json!({"rope_scaling": {"rope_type": "default"}}), serde_json::json!({"rope_scaling": {"type": "linear", "factor": 1.0}})] {
+    // Plain RoPE spelled out, any scaling by 1, an older spelling of the architecture, and
+    // Mistral without sliding windows load as the same model.
+    for extra in [
+        serde_json::json!({"rope_scaling": {"rope_type": "default"}}),
+        serde_json::json!({"rope_scaling": {"type": "linear", "factor": 1.0}}),
+        serde_json::json!({"rope_scaling": {"type": "dynamic", "factor": 1.0}}),
+        serde_json::json!({"architectures": ["LLaMAForCausalLM"]}),
+        serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": null}),
+    ] {
         write_checkpoint(&dir, &tensors, &hf_config(&cfg, extra.clone()));
-        flora_model::weights::load(&dir).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let ck = flora_model::weights::load(&dir).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        assert_eq!(ck.config, cfg, "{extra}");
     }
+    // transformers 5 keeps RoPE's base in rope_parameters.
+    let extra = serde_json::json!({"rope_theta": null, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}});
+    write_checkpoint(&dir, &tensors, &hf_config(&cfg, extra));
+    assert_eq!(flora_model::weights::load(&dir).unwrap().config.rope_theta, 100000.0);
     // A bias tensor the config does not announce.
     let mut with_bias = tensors.clone();
     with_bias.insert("model.layers.0.self_attn.q_proj.bias".into(), Tensor::zeros(cfg.q_dim(), DType::F32, &Device::Cpu).unwrap());
@@ -146,8 +134,8 @@ fn unimplemented_llama_variants_in_safetensors_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A minimal Llama GGUF header with `extra` metadata and tensors; it need not load further
-/// than the checks under test.
+/// A tiny Llama GGUF (all of `LlamaConfig::tiny()`'s tensors, zeros) with `extra` metadata
+/// and `extra_tensors`.
 fn llama_gguf(path: &std::path::Path, extra: &[(&str, candle_core::quantized::gguf_file::Value)], extra_tensors: &[&str]) {
     use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
     let cfg = LlamaConfig::tiny();
@@ -161,13 +149,25 @@ fn llama_gguf(path: &std::path::Path, extra: &[(&str, candle_core::quantized::gg
         ("llama.feed_forward_length", Value::U32(cfg.intermediate as u32)),
     ];
     md.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
-    let t = QTensor::quantize(&Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
-    let mut names = vec!["token_embd.weight"];
-    names.extend_from_slice(extra_tensors);
-    let tensors: Vec<(&str, &QTensor)> = names.iter().map(|n| (*n, &t)).collect();
+    let q = |dims: &[usize]| QTensor::quantize(&Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        ("token_embd.weight".into(), q(&[cfg.vocab, cfg.hidden])),
+        ("output_norm.weight".into(), q(&[cfg.hidden])),
+    ];
+    let gguf_names = [("attn_q", flora_model::Proj::Q), ("attn_k", flora_model::Proj::K), ("attn_v", flora_model::Proj::V), ("attn_output", flora_model::Proj::O), ("ffn_gate", flora_model::Proj::Gate), ("ffn_up", flora_model::Proj::Up), ("ffn_down", flora_model::Proj::Down)];
+    for i in 0..cfg.n_layers {
+        tensors.push((format!("blk.{i}.attn_norm.weight"), q(&[cfg.hidden])));
+        tensors.push((format!("blk.{i}.ffn_norm.weight"), q(&[cfg.hidden])));
+        for (name, p) in gguf_names {
+            let (di, dout) = p.dims(&cfg);
+            tensors.push((format!("blk.{i}.{name}.weight"), q(&[dout, di])));
+        }
+    }
+    tensors.extend(extra_tensors.iter().map(|n| (n.to_string(), q(&[8]))));
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
-    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &tensors).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &tensor_refs).unwrap();
 }
 
 #[test]
@@ -177,20 +177,33 @@ fn unimplemented_llama_variants_in_gguf_are_refused() {
     let path = dir.join("variant.gguf");
     let head_dim = LlamaConfig::tiny().head_dim as u32;
     let cases: Vec<(Vec<(&str, Value)>, Vec<&str>, &str)> = vec![
-        (vec![("llama.rope.scaling.type", Value::String("yarn".into()))], vec![], "RoPE scaling \"yarn\""),
+        (
+            vec![("llama.rope.scaling.type", Value::String("yarn".into())), ("llama.rope.scaling.factor", Value::F32(4.0))],
+            vec![],
+            "RoPE scaling \"yarn\" (factor 4)",
+        ),
         (
             vec![("llama.rope.scaling.type", Value::String("linear".into())), ("llama.rope.scaling.factor", Value::F32(4.0))],
             vec![],
             "RoPE scaling \"linear\" (factor 4)",
         ),
         (vec![("llama.rope.dimension_count", Value::U32(head_dim / 2))], vec![], "llama.rope.dimension_count"),
+        (vec![("llama.rope.scaling.factor", Value::F32(2.0))], vec![], "RoPE scaling \"linear\" (factor 2)"),
+        (vec![("llama.rope.scale_linear", Value::F32(2.0))], vec![], "RoPE scaling \"linear\" (factor 2)"),
         (vec![], vec!["rope_freqs.weight"], "rope_freqs.weight"),
         (vec![], vec!["blk.0.attn_q.bias"], "blk.0.attn_q.bias"),
+        (vec![], vec!["blk.2.attn_q.weight"], "blk.2.attn_q.weight"),
     ];
     for (md, tensors, want) in cases {
         llama_gguf(&path, &md, &tensors);
         let err = flora_model::weights::load(&path).err().unwrap_or_else(|| panic!("{want}: must be refused")).to_string();
         assert!(err.contains("variant.gguf") && err.contains(want), "{want}: {err}");
+    }
+    // The same file without them loads, as do plain RoPE spelled out and scaling by 1.
+    for md in [vec![], vec![("llama.rope.scaling.type", Value::String("none".into())), ("llama.rope.dimension_count", Value::U32(head_dim))], vec![("llama.rope.scaling.type", Value::String("yarn".into())), ("llama.rope.scaling.factor", Value::F32(1.0))]] {
+        llama_gguf(&path, &md, &[]);
+        let ck = flora_model::weights::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ck.config.n_layers, 2);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

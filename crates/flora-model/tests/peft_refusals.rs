@@ -11,15 +11,9 @@ use flora_adapters::{AdapterKind, AdapterWeights};
 use flora_model::peft::{load_adapter_dir, save_adapter_dir};
 use flora_model::{LlamaConfig, Proj};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const KEY: &str = "base_model.model.model.layers";
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flora-peft-refusals-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 /// A rank-4 LoRA adapter on q and v of the tiny model, saved with alpha 8.
 fn saved_lora(dir: &Path) {
@@ -60,7 +54,8 @@ fn lora_scales(dir: &Path) -> Vec<f32> {
 
 #[test]
 fn lora_scale_is_alpha_over_r_or_over_its_root_with_rslora() {
-    let dir = tmp("scale");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lora");
     saved_lora(&dir);
     assert!(lora_scales(&dir).iter().all(|s| *s == 2.0), "alpha 8 / r 4");
     edit_config(&dir, serde_json::json!({"use_rslora": true}));
@@ -68,7 +63,6 @@ fn lora_scale_is_alpha_over_r_or_over_its_root_with_rslora() {
     // PEFT writes empty patterns; they mean nothing.
     edit_config(&dir, serde_json::json!({"use_rslora": false, "rank_pattern": {}, "alpha_pattern": {}}));
     assert!(lora_scales(&dir).iter().all(|s| *s == 2.0));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -83,12 +77,12 @@ fn configs_flora_cannot_apply_are_refused() {
         (serde_json::json!({"r": 8}), "adapter_config says r = Some(8)"),
     ];
     for (change, want) in cases {
-        let dir = tmp("config");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("lora");
         saved_lora(&dir);
         edit_config(&dir, change.clone());
         let err = load_err(&dir);
         assert!(err.contains("adapter tester") && err.contains(want), "{change}: {err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -125,11 +119,11 @@ fn tensors_flora_cannot_apply_are_refused() {
         ),
     ];
     for (i, (edit, want)) in cases.into_iter().enumerate() {
-        let dir = tmp(&format!("tensors-{i}"));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("lora");
         saved_lora(&dir);
         edit_tensors(&dir, edit);
         let err = load_err(&dir);
         assert!(err.contains(&want), "case {i}: {err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
