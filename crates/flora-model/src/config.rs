@@ -18,6 +18,10 @@ pub struct LlamaConfig {
     /// Longest sequence (prompt + generated) the model was trained for.
     pub context: usize,
     pub tie_embeddings: bool,
+    /// Divisors of RoPE's angles, one per frequency (head_dim / 2), as Llama 3.1+ scales
+    /// RoPE: the GGUF tensor `rope_freqs.weight`, or computed from config.json's `llama3`
+    /// rope scaling. None: plain RoPE.
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl LlamaConfig {
@@ -60,6 +64,8 @@ impl LlamaConfig {
             rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
             context: u("context_length").unwrap_or(2048),
             tie_embeddings,
+            // Read with the tensors (weights.rs).
+            rope_freq_factors: None,
         };
         cfg.validate()
     }
@@ -107,11 +113,23 @@ impl LlamaConfig {
             return unsupported(format!("architectures {a:?}: flora runs LlamaForCausalLM checkpoints"));
         }
         let rope = h.rope_parameters.as_ref().or(h.rope_scaling.as_ref()).filter(|v| !v.is_null());
+        let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).map(|v| v as f32).or(h.rope_theta).unwrap_or(10_000.0);
+        let head_dim = h.head_dim.unwrap_or(h.hidden_size / h.num_attention_heads.max(1));
+        let mut rope_freq_factors = None;
         if let Some(rope) = rope {
             let kind = rope.get("rope_type").or_else(|| rope.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
-            // Every scaling rule leaves RoPE as it is at factor 1.
-            if kind != "default" && rope.get("factor").and_then(|v| v.as_f64()) != Some(1.0) {
-                return unsupported(format!("RoPE scaling {rope}: not implemented (plain RoPE only)"));
+            let num = |k: &str| rope.get(k).and_then(|v| v.as_f64());
+            match (kind, num("factor")) {
+                ("default", _) => {}
+                // Every scaling rule leaves RoPE as it is at factor 1.
+                (_, Some(f)) if f == 1.0 => {}
+                ("llama3", Some(factor)) => {
+                    let (Some(low), Some(high), Some(original)) = (num("low_freq_factor"), num("high_freq_factor"), num("original_max_position_embeddings")) else {
+                        return unsupported(format!("RoPE scaling {rope}: llama3 scaling needs low_freq_factor, high_freq_factor and original_max_position_embeddings"));
+                    };
+                    rope_freq_factors = Some(llama3_freq_factors(head_dim, rope_theta, factor, low, high, original));
+                }
+                _ => return unsupported(format!("RoPE scaling {rope}: not implemented (plain RoPE and Llama 3's llama3 scaling only)")),
             }
         }
         if let Some(f) = h.partial_rotary_factor.filter(|f| *f != 1.0) {
@@ -123,24 +141,26 @@ impl LlamaConfig {
         if let Some(act) = h.hidden_act.as_deref().filter(|a| *a != "silu") {
             return unsupported(format!("hidden_act {act:?}: the MLP is SwiGLU (silu)"));
         }
-        let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).map(|v| v as f32).or(h.rope_theta);
         Self {
             n_layers: h.num_hidden_layers,
             hidden: h.hidden_size,
             n_heads: h.num_attention_heads,
             n_kv_heads: h.num_key_value_heads.unwrap_or(h.num_attention_heads),
-            head_dim: h.head_dim.unwrap_or(h.hidden_size / h.num_attention_heads.max(1)),
+            head_dim,
             intermediate: h.intermediate_size,
             vocab: h.vocab_size,
-            rope_theta: rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rms_eps: h.rms_norm_eps.unwrap_or(1e-5),
             context,
             tie_embeddings: h.tie_word_embeddings.unwrap_or(false),
+            rope_freq_factors,
         }
         .validate()
     }
 
-    /// This configuration as a HF `config.json` (LlamaForCausalLM), as [`Self::from_hf_json`] reads it.
+    /// This configuration as a HF `config.json` (LlamaForCausalLM), as [`Self::from_hf_json`]
+    /// reads it; RoPE frequency factors, which config.json expresses only as the parameters of
+    /// a scaling rule, are left out.
     pub fn to_hf_json(&self) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -151,7 +171,8 @@ impl LlamaConfig {
         })
     }
 
-    fn validate(self) -> Result<Self> {
+    /// Checks the hyper-parameters fit together (heads, dimensions, RoPE factors).
+    pub(crate) fn validate(self) -> Result<Self> {
         let ok = self.n_layers > 0
             && self.n_heads > 0
             && self.n_kv_heads > 0
@@ -159,7 +180,8 @@ impl LlamaConfig {
             && self.head_dim % 2 == 0
             && self.head_dim > 0
             && self.vocab > 0
-            && self.intermediate > 0;
+            && self.intermediate > 0
+            && self.rope_freq_factors.as_ref().is_none_or(|f| f.len() == self.head_dim / 2 && f.iter().all(|x| x.is_finite() && *x > 0.0));
         if !ok {
             return Err(ModelError::BadModel(format!("inconsistent hyper-parameters: {self:?}")));
         }
@@ -187,21 +209,16 @@ impl LlamaConfig {
             rms_eps: 1e-5,
             context: 128,
             tie_embeddings: true,
+            rope_freq_factors: None,
         }
     }
 }
 
 /// Refuses the RoPE variants a Llama GGUF can declare that this model file does not implement:
-/// frequency factors (Llama 3.1's `rope_freqs.weight`), scaling other than none (or linear by
-/// 1), and rotation over part of a head (`rope.dimension_count` < head_dim). Loading them
+/// scaling other than none (or any rule at factor 1), and rotation over part of a head (`rope.dimension_count` < head_dim). Loading them
 /// anyway would give wrong logits without an error.
 fn refuse_gguf_rope_variants(content: &gguf_file::Content, head_dim: usize) -> Result<()> {
     let md = &content.metadata;
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(ModelError::Unsupported(
-            "RoPE frequency factors (tensor rope_freqs.weight, as in Llama 3.1+) are not implemented".into(),
-        ));
-    }
     // llama.cpp reads a factor without a type (and the older `rope.scale_linear`) as linear.
     let factor = ["llama.rope.scaling.factor", "llama.rope.scale_linear"].iter().find_map(|k| md.get(*k).and_then(|v| v.to_f32().ok()));
     let default_kind = if factor.is_some() { "linear" } else { "none" };
@@ -221,4 +238,25 @@ fn refuse_gguf_rope_variants(content: &gguf_file::Content, head_dim: usize) -> R
         }
     }
     Ok(())
+}
+
+/// Llama 3.1's RoPE scaling as divisors of the angles, one per frequency (what llama.cpp's
+/// converter stores as `rope_freqs.weight`): frequencies whose wavelength exceeds
+/// `original / low` positions turn `factor` times slower, those shorter than `original / high`
+/// stay, and those between are interpolated smoothly.
+pub fn llama3_freq_factors(head_dim: usize, theta: f32, factor: f64, low: f64, high: f64, original: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < original / high {
+                1.0
+            } else if wavelen > original / low {
+                factor as f32
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
 }

@@ -26,13 +26,16 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f32, context: usize) -> Self {
+    /// Angles `p * theta^(-2i / head_dim) / factors[i]` for positions `p < context`
+    /// (`factors`: Llama 3.1+'s per-frequency divisors; none for plain RoPE).
+    pub fn new(head_dim: usize, theta: f32, context: usize, factors: Option<&[f32]>) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
         for p in 0..context {
             for i in 0..half {
-                let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                let divisor = factors.map_or(1.0, |f| f[i] as f64);
+                let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64) / divisor;
                 let a = p as f64 * freq;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);

@@ -148,7 +148,7 @@ impl Llama {
                 proj: proj.try_into().map_err(|_| ModelError::BadModel("projections".into()))?,
             });
         }
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context);
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context, cfg.rope_freq_factors.as_deref());
         Ok(Self { cfg, embed, blocks, norm, lm_head, rope, exec: ExecOptions::default(), lora_tables: LoraTables::default() })
     }
 

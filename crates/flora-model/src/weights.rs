@@ -72,6 +72,9 @@ fn gguf_name_to_hf(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
+/// The GGUF tensor of Llama 3.1+'s RoPE frequency divisors ([`LlamaConfig::rope_freq_factors`]).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// A GGUF header that does not parse. A tensor type the reader does not know (its message is
 /// "unknown dtype for tensor N") is a quantization flora cannot dequantize; say so.
 fn gguf_header_error(msg: &str) -> String {
@@ -94,16 +97,20 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
 fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let mut file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| file_err(path, gguf_header_error(&e.to_string())))?;
-    let config = LlamaConfig::from_gguf(&content).map_err(|e| file_err(path, e))?;
+    let mut config = LlamaConfig::from_gguf(&content).map_err(|e| file_err(path, e))?;
     let file_len = file.metadata().map_err(|e| file_err(path, e))?.len();
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let wanted: HashSet<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
-    let unknown: Vec<&str> = names.iter().filter(|n| gguf_name_to_hf(n).is_none_or(|hf| !wanted.contains(&hf))).map(|n| n.as_str()).collect();
+    let model_tensor = |name: &str| gguf_name_to_hf(name).filter(|hf| wanted.contains(hf));
+    let unknown: Vec<&str> = names.iter().filter(|n| n.as_str() != ROPE_FREQS && model_tensor(n).is_none()).map(|n| n.as_str()).collect();
     for name in names {
         let info = &content.tensor_infos[name];
-        let Some(hf) = gguf_name_to_hf(name).filter(|hf| wanted.contains(hf)) else { continue };
+        let hf = model_tensor(name);
+        if hf.is_none() && name != ROPE_FREQS {
+            continue;
+        }
         let end = content.tensor_data_offset + info.offset + (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
         if end > file_len {
             return Err(file_err(path, format!("truncated: tensor {name} ends at byte {end}, the file has {file_len}")));
@@ -113,6 +120,11 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
             .dequantize(&Device::Cpu)
             .map_err(|e| file_err(path, format!("tensor {name} ({:?}): cannot dequantize: {e}", info.ggml_dtype)))?
             .to_dtype(DType::F32)?;
+        let Some(hf) = hf else {
+            // Llama 3.1+'s RoPE scaling, one divisor per frequency.
+            config.rope_freq_factors = Some(t.flatten_all()?.to_vec1()?);
+            continue;
+        };
         let t = if hf.ends_with("q_proj.weight") {
             unpermute_qk(&t, config.n_heads)?
         } else if hf.ends_with("k_proj.weight") {
@@ -122,6 +134,7 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
         };
         tensors.insert(hf, t);
     }
+    let config = config.validate().map_err(|e| file_err(path, format!("{ROPE_FREQS}: {e}")))?;
     check_complete(&config, &tensors).map_err(|e| file_err(path, e))?;
     refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     Ok(Checkpoint { config, tensors, gguf: Some(content) })

@@ -94,7 +94,8 @@ fn unimplemented_llama_variants_in_safetensors_are_refused() {
     let cases = [
         (serde_json::json!({"model_type": "qwen2"}), "model_type \"qwen2\""),
         (serde_json::json!({"architectures": ["Qwen2ForCausalLM"]}), "Qwen2ForCausalLM"),
-        (serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "RoPE scaling"),
+        (serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}), "RoPE scaling"),
+        (serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "llama3 scaling needs low_freq_factor"),
         (serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}), "RoPE scaling"),
         (serde_json::json!({"partial_rotary_factor": 0.5}), "partial_rotary_factor"),
         (serde_json::json!({"attention_bias": true}), "biases"),
@@ -134,11 +135,10 @@ fn unimplemented_llama_variants_in_safetensors_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A tiny Llama GGUF (all of `LlamaConfig::tiny()`'s tensors, zeros) with `extra` metadata
-/// and `extra_tensors`.
-fn llama_gguf(path: &std::path::Path, extra: &[(&str, candle_core::quantized::gguf_file::Value)], extra_tensors: &[&str]) {
+/// Writes `hf` (HF names, f32) as a Llama GGUF of `cfg` in llama.cpp's layout (q/k rows
+/// permuted for interleaved RoPE), with `extra` metadata and `extra_tensors` as given.
+fn write_gguf(path: &std::path::Path, cfg: &LlamaConfig, hf: &HashMap<String, Tensor>, extra: &[(&str, candle_core::quantized::gguf_file::Value)], extra_tensors: &[(&str, Tensor)]) {
     use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
-    let cfg = LlamaConfig::tiny();
     let mut md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("llama.embedding_length", Value::U32(cfg.hidden as u32)),
@@ -147,27 +147,100 @@ fn llama_gguf(path: &std::path::Path, extra: &[(&str, candle_core::quantized::gg
         ("llama.vocab_size", Value::U32(cfg.vocab as u32)),
         ("llama.block_count", Value::U32(cfg.n_layers as u32)),
         ("llama.feed_forward_length", Value::U32(cfg.intermediate as u32)),
+        ("llama.context_length", Value::U32(cfg.context as u32)),
+        ("llama.rope.freq_base", Value::F32(cfg.rope_theta)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_eps)),
     ];
     md.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
-    let q = |dims: &[usize]| QTensor::quantize(&Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    // HF rows [heads, 2, hd/2] -> llama.cpp's [heads, hd/2, 2] (what weights::unpermute_qk undoes).
+    let permute = |w: &Tensor, heads: usize| {
+        let (out, d_in) = w.dims2().unwrap();
+        w.reshape((heads, 2, out / heads / 2, d_in)).unwrap().transpose(1, 2).unwrap().reshape((out, d_in)).unwrap().contiguous().unwrap()
+    };
+    let q = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32).unwrap();
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q(&[cfg.vocab, cfg.hidden])),
-        ("output_norm.weight".into(), q(&[cfg.hidden])),
+        ("token_embd.weight".into(), q(&hf["model.embed_tokens.weight"])),
+        ("output_norm.weight".into(), q(&hf["model.norm.weight"])),
     ];
-    let gguf_names = [("attn_q", flora_model::Proj::Q), ("attn_k", flora_model::Proj::K), ("attn_v", flora_model::Proj::V), ("attn_output", flora_model::Proj::O), ("ffn_gate", flora_model::Proj::Gate), ("ffn_up", flora_model::Proj::Up), ("ffn_down", flora_model::Proj::Down)];
+    let projections = [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")];
     for i in 0..cfg.n_layers {
-        tensors.push((format!("blk.{i}.attn_norm.weight"), q(&[cfg.hidden])));
-        tensors.push((format!("blk.{i}.ffn_norm.weight"), q(&[cfg.hidden])));
-        for (name, p) in gguf_names {
-            let (di, dout) = p.dims(&cfg);
-            tensors.push((format!("blk.{i}.{name}.weight"), q(&[dout, di])));
+        let layer = |name: &str| &hf[&format!("model.layers.{i}.{name}.weight")];
+        tensors.push((format!("blk.{i}.attn_norm.weight"), q(layer("input_layernorm"))));
+        tensors.push((format!("blk.{i}.ffn_norm.weight"), q(layer("post_attention_layernorm"))));
+        for (gguf, name) in projections {
+            let w = match gguf {
+                "attn_q" => permute(layer(name), cfg.n_heads),
+                "attn_k" => permute(layer(name), cfg.n_kv_heads),
+                _ => layer(name).clone(),
+            };
+            tensors.push((format!("blk.{i}.{gguf}.weight"), q(&w)));
         }
     }
-    tensors.extend(extra_tensors.iter().map(|n| (n.to_string(), q(&[8]))));
+    tensors.extend(extra_tensors.iter().map(|(n, t)| (n.to_string(), q(t))));
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     candle_core::quantized::gguf_file::write(&mut f, &md_refs, &tensor_refs).unwrap();
+}
+
+/// A tiny random Llama GGUF with `extra` metadata and `extra_tensors` (8 zeros each).
+fn llama_gguf(path: &std::path::Path, extra: &[(&str, candle_core::quantized::gguf_file::Value)], extra_tensors: &[&str]) {
+    let cfg = LlamaConfig::tiny();
+    let zeros: Vec<(&str, Tensor)> = extra_tensors.iter().map(|n| (*n, Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap())).collect();
+    write_gguf(path, &cfg, &random_tensors(&cfg, 1).unwrap(), extra, &zeros);
+}
+
+/// Logits at every position of `toks` from the model in `path`.
+fn logits_of(path: &std::path::Path, toks: &[u32]) -> Vec<Vec<f32>> {
+    logits_both_ways(&Llama::from_checkpoint(flora_model::weights::load(path).unwrap()).unwrap(), toks)
+}
+
+/// Llama 3.1's RoPE scaling loads from a GGUF (`rope_freqs.weight`) and from config.json
+/// (`rope_scaling` of type llama3) to the same divisors, which equal the formula as
+/// transformers writes it, and give the same logits; they change the logits against plain RoPE.
+#[test]
+fn llama3_rope_scaling_loads_from_gguf_and_config_json_alike() {
+    let cfg = LlamaConfig { context: 512, ..LlamaConfig::tiny() };
+    let (factor, low, high, original) = (8.0f64, 1.0f64, 4.0f64, 128.0f64);
+    // transformers' form: inverse frequencies rescaled, the divisors are their ratios.
+    let want: Vec<f32> = (0..cfg.head_dim / 2)
+        .map(|i| {
+            let inv = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / inv;
+            let (low_wavelen, high_wavelen) = (original / low, original / high);
+            let mut scaled = if wavelen > low_wavelen { inv / factor } else { inv };
+            let smooth = (original / wavelen - low) / (high - low);
+            if !(wavelen < high_wavelen) && !(wavelen > low_wavelen) {
+                scaled = (1.0 - smooth) * scaled / factor + smooth * scaled;
+            }
+            (inv / scaled) as f32
+        })
+        .collect();
+    assert!(want.contains(&1.0) && want.contains(&8.0) && want.iter().any(|f| *f > 1.0 && *f < 8.0), "every branch: {want:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let tensors = random_tensors(&cfg, 6).unwrap();
+    let scaling = serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": original}});
+    write_checkpoint(tmp.path(), &tensors, &hf_config(&cfg, scaling));
+    let from_json = flora_model::weights::load(tmp.path()).unwrap().config.rope_freq_factors.expect("factors from config.json");
+    for (a, b) in from_json.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6 * b, "{from_json:?} against {want:?}");
+    }
+    let gguf = tmp.path().join("llama3.gguf");
+    write_gguf(&gguf, &cfg, &tensors, &[], &[("rope_freqs.weight", Tensor::new(from_json.as_slice(), &Device::Cpu).unwrap())]);
+    assert_eq!(flora_model::weights::load(&gguf).unwrap().config.rope_freq_factors.as_deref(), Some(from_json.as_slice()));
+
+    let toks: Vec<u32> = (0..200).map(|i| (i * 31 + 7) % cfg.vocab as u32).collect();
+    let scaled = logits_of(tmp.path(), &toks);
+    let d = scaled.iter().flatten().zip(logits_of(&gguf, &toks).iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-4, "GGUF and config.json differ by {d}");
+    write_checkpoint(tmp.path(), &tensors, &hf_config(&cfg, serde_json::json!({})));
+    let plain = logits_of(tmp.path(), &toks);
+    let moved = scaled.iter().flatten().zip(plain.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the factors must change the logits ({moved})");
+    // Divisors of the wrong count are refused.
+    write_gguf(&gguf, &cfg, &tensors, &[], &[("rope_freqs.weight", Tensor::ones(3, DType::F32, &Device::Cpu).unwrap())]);
+    let err = flora_model::weights::load(&gguf).err().expect("3 divisors for 4 frequencies").to_string();
+    assert!(err.contains("rope_freqs.weight"), "{err}");
 }
 
 #[test]
@@ -190,7 +263,6 @@ fn unimplemented_llama_variants_in_gguf_are_refused() {
         (vec![("llama.rope.dimension_count", Value::U32(head_dim / 2))], vec![], "llama.rope.dimension_count"),
         (vec![("llama.rope.scaling.factor", Value::F32(2.0))], vec![], "RoPE scaling \"linear\" (factor 2)"),
         (vec![("llama.rope.scale_linear", Value::F32(2.0))], vec![], "RoPE scaling \"linear\" (factor 2)"),
-        (vec![], vec!["rope_freqs.weight"], "rope_freqs.weight"),
         (vec![], vec!["blk.0.attn_q.bias"], "blk.0.attn_q.bias"),
         (vec![], vec!["blk.2.attn_q.weight"], "blk.2.attn_q.weight"),
     ];
