@@ -16,7 +16,7 @@ fn flora(args: &[&str], model: &Path) -> (bool, String, String) {
 fn write_hf_checkpoint(gguf: &Path, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let ck = flora_model::weights::load(gguf).unwrap();
-    let config = ck.config.to_hf_json();
+    let config = ck.config.to_hf_json().unwrap();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     candle_core::safetensors::save(&ck.tensors, dir.join("model.safetensors")).unwrap();
     flora_tokenizer::Tokenizer::from_gguf(gguf).unwrap().save_hf_dir(dir).unwrap();

@@ -112,21 +112,32 @@ impl LlamaConfig {
         if let Some(a) = h.architectures.as_ref().filter(|a| !a.iter().any(known)) {
             return unsupported(format!("architectures {a:?}: flora runs LlamaForCausalLM checkpoints"));
         }
-        let rope = h.rope_parameters.as_ref().or(h.rope_scaling.as_ref()).filter(|v| !v.is_null());
+        let (params, scaling) = (h.rope_parameters.as_ref().filter(|v| !v.is_null()), h.rope_scaling.as_ref().filter(|v| !v.is_null()));
+        let rule = |r: &serde_json::Value| (r.get("rope_type").or_else(|| r.get("type")).and_then(|v| v.as_str()).map(str::to_ascii_lowercase), r.get("factor").and_then(|v| v.as_f64()));
+        if let (Some(p), Some(s)) = (params, scaling) {
+            if rule(p) != rule(s) {
+                return unsupported(format!("rope_parameters {p} and rope_scaling {s} disagree"));
+            }
+        }
+        let rope = params.or(scaling);
         let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()).map(|v| v as f32).or(h.rope_theta).unwrap_or(10_000.0);
         let head_dim = h.head_dim.unwrap_or(h.hidden_size / h.num_attention_heads.max(1));
         let mut rope_freq_factors = None;
         if let Some(rope) = rope {
-            let kind = rope.get("rope_type").or_else(|| rope.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+            let (kind, factor) = rule(rope);
             let num = |k: &str| rope.get(k).and_then(|v| v.as_f64());
-            match (kind, num("factor")) {
+            match (kind.as_deref().unwrap_or("default"), factor) {
                 ("default", _) => {}
-                // Every scaling rule leaves RoPE as it is at factor 1.
-                (_, Some(f)) if f == 1.0 => {}
+                // These rules leave RoPE as it is at factor 1 (longrope does not: it has
+                // factors of its own).
+                ("linear" | "dynamic" | "yarn" | "llama3", Some(f)) if f == 1.0 => {}
                 ("llama3", Some(factor)) => {
                     let (Some(low), Some(high), Some(original)) = (num("low_freq_factor"), num("high_freq_factor"), num("original_max_position_embeddings")) else {
                         return unsupported(format!("RoPE scaling {rope}: llama3 scaling needs low_freq_factor, high_freq_factor and original_max_position_embeddings"));
                     };
+                    if !(factor > 0.0 && low > 0.0 && low < high && original > 0.0) {
+                        return unsupported(format!("RoPE scaling {rope}: llama3 scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor"));
+                    }
                     rope_freq_factors = Some(llama3_freq_factors(head_dim, rope_theta, factor, low, high, original));
                 }
                 _ => return unsupported(format!("RoPE scaling {rope}: not implemented (plain RoPE and Llama 3's llama3 scaling only)")),
@@ -159,16 +170,19 @@ impl LlamaConfig {
     }
 
     /// This configuration as a HF `config.json` (LlamaForCausalLM), as [`Self::from_hf_json`]
-    /// reads it; RoPE frequency factors, which config.json expresses only as the parameters of
-    /// a scaling rule, are left out.
-    pub fn to_hf_json(&self) -> serde_json::Value {
-        serde_json::json!({
+    /// reads it. RoPE frequency factors are refused: config.json expresses them only as the
+    /// parameters of a scaling rule, which the factors do not keep.
+    pub fn to_hf_json(&self) -> Result<serde_json::Value> {
+        if self.rope_freq_factors.is_some() {
+            return Err(ModelError::Unsupported("writing RoPE frequency factors (Llama 3.1 scaling) as config.json".into()));
+        }
+        Ok(serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "num_hidden_layers": self.n_layers, "hidden_size": self.hidden, "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "intermediate_size": self.intermediate,
             "vocab_size": self.vocab, "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_eps,
             "max_position_embeddings": self.context, "tie_word_embeddings": self.tie_embeddings,
-        })
+        }))
     }
 
     /// Checks the hyper-parameters fit together (heads, dimensions, RoPE factors).

@@ -30,6 +30,7 @@ impl Rope {
     /// (`factors`: Llama 3.1+'s per-frequency divisors; none for plain RoPE).
     pub fn new(head_dim: usize, theta: f32, context: usize, factors: Option<&[f32]>) -> Self {
         let half = head_dim / 2;
+        assert!(factors.is_none_or(|f| f.len() == half), "RoPE needs one factor per frequency ({half})");
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
         for p in 0..context {
@@ -93,4 +94,32 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 fn causal_mask(t: usize, dev: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
     Tensor::from_vec(m, (t, t), dev)?.to_dtype(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rope;
+
+    /// Divisors slow each frequency down: with every divisor 2, position 2p turns as far as
+    /// position p does without them; frequency i turns by p * theta^(-2i / hd) / factor[i].
+    #[test]
+    fn frequency_factors_divide_the_angles() {
+        let (hd, theta, context) = (8, 10_000.0f32, 64);
+        let factors = [1.0f32, 4.0, 2.0, 8.0];
+        let plain = Rope::new(hd, theta, context, None);
+        let halved = Rope::new(hd, theta, context, Some(&[2.0; 4]));
+        let mixed = Rope::new(hd, theta, context, Some(&factors));
+        let at = |r: &Rope, pos: usize, i: usize| (r.cos[pos * 4 + i], r.sin[pos * 4 + i]);
+        for p in 0..context {
+            for (i, f) in factors.iter().enumerate() {
+                if p % 2 == 0 {
+                    let ((c, s), (pc, ps)) = (at(&halved, p, i), at(&plain, p / 2, i));
+                    assert!((c - pc).abs() < 1e-6 && (s - ps).abs() < 1e-6, "position {p}, frequency {i}");
+                }
+                let angle = p as f64 / (theta as f64).powf(2.0 * i as f64 / hd as f64) / *f as f64;
+                let (c, s) = at(&mixed, p, i);
+                assert!((c as f64 - angle.cos()).abs() < 1e-6 && (s as f64 - angle.sin()).abs() < 1e-6, "position {p}, frequency {i}");
+            }
+        }
+    }
 }

@@ -131,6 +131,7 @@ pub struct SeqStep<'a> {
 impl Llama {
     pub fn from_checkpoint(ck: Checkpoint) -> Result<Self> {
         let Checkpoint { config: cfg, mut tensors, .. } = ck;
+        let cfg = cfg.validate()?;
         let mut take = |name: &str| tensors.remove(name).ok_or_else(|| ModelError::BadModel(format!("missing tensor {name}")));
         let embed = take("model.embed_tokens.weight")?;
         let lm_head = if cfg.tie_embeddings { BaseWeight::from_out_in(&embed)? } else { BaseWeight::from_out_in(&take("lm_head.weight")?)? };

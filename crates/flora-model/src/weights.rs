@@ -104,7 +104,13 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     names.sort();
     let wanted: HashSet<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
     let model_tensor = |name: &str| gguf_name_to_hf(name).filter(|hf| wanted.contains(hf));
+    // Refuse a missing or unknown tensor before reading any (a model can be gigabytes).
+    let present: HashSet<String> = names.iter().filter_map(|n| model_tensor(n)).collect();
+    if let Some(missing) = expected_tensors(&config).into_iter().map(|(name, _)| name).find(|name| !present.contains(name)) {
+        return Err(file_err(path, format!("missing tensor {missing}")));
+    }
     let unknown: Vec<&str> = names.iter().filter(|n| n.as_str() != ROPE_FREQS && model_tensor(n).is_none()).map(|n| n.as_str()).collect();
+    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     for name in names {
         let info = &content.tensor_infos[name];
         let hf = model_tensor(name);
@@ -134,9 +140,11 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
         };
         tensors.insert(hf, t);
     }
-    let config = config.validate().map_err(|e| file_err(path, format!("{ROPE_FREQS}: {e}")))?;
+    let config = match config.rope_freq_factors {
+        Some(_) => config.validate().map_err(|e| file_err(path, format!("{ROPE_FREQS}: {e}")))?,
+        None => config,
+    };
     check_complete(&config, &tensors).map_err(|e| file_err(path, e))?;
-    refuse_unknown(&unknown).map_err(|e| file_err(path, e))?;
     Ok(Checkpoint { config, tensors, gguf: Some(content) })
 }
 
@@ -178,7 +186,7 @@ fn load_safetensors(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { config, tensors, gguf: None })
 }
 
-/// Tensors the model does not use (biases, extra heads, RoPE factors) mean a variant this
+/// Tensors the model does not use (biases, extra heads, extra layers) mean a variant this
 /// model file does not implement: loading without them would give wrong logits silently.
 fn refuse_unknown(unknown: &[&str]) -> std::result::Result<(), String> {
     if unknown.is_empty() {

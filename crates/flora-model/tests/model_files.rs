@@ -15,7 +15,7 @@ fn tmp(name: &str) -> PathBuf {
 
 /// `cfg`'s HF `config.json` with `extra` keys merged in.
 fn hf_config(cfg: &LlamaConfig, extra: serde_json::Value) -> String {
-    let mut config = cfg.to_hf_json();
+    let mut config = cfg.to_hf_json().unwrap();
     for (k, v) in extra.as_object().unwrap() {
         config[k] = v.clone();
     }
@@ -96,6 +96,15 @@ fn unimplemented_llama_variants_in_safetensors_are_refused() {
         (serde_json::json!({"architectures": ["Qwen2ForCausalLM"]}), "Qwen2ForCausalLM"),
         (serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}), "RoPE scaling"),
         (serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "llama3 scaling needs low_freq_factor"),
+        (
+            serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+            "0 < low_freq_factor < high_freq_factor",
+        ),
+        (serde_json::json!({"rope_scaling": {"rope_type": "longrope", "factor": 1.0}}), "RoPE scaling"),
+        (
+            serde_json::json!({"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+            "disagree",
+        ),
         (serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}), "RoPE scaling"),
         (serde_json::json!({"partial_rotary_factor": 0.5}), "partial_rotary_factor"),
         (serde_json::json!({"attention_bias": true}), "biases"),
@@ -240,7 +249,7 @@ fn llama3_rope_scaling_loads_from_gguf_and_config_json_alike() {
     // Divisors of the wrong count are refused.
     write_gguf(&gguf, &cfg, &tensors, &[], &[("rope_freqs.weight", Tensor::ones(3, DType::F32, &Device::Cpu).unwrap())]);
     let err = flora_model::weights::load(&gguf).err().expect("3 divisors for 4 frequencies").to_string();
-    assert!(err.contains("rope_freqs.weight"), "{err}");
+    assert!(err.contains("rope_freqs.weight") && err.contains("inconsistent hyper-parameters"), "{err}");
 }
 
 #[test]

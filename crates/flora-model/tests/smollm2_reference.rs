@@ -30,33 +30,50 @@ fn read_npy(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
     (shape, vals)
 }
 
-#[test]
-fn logits_and_greedy_tokens_match_the_reference() {
+/// The default model (f32 weights), the reference's prompts, and the full last-position
+/// logits of each prompt (row i for prompt i).
+fn model_and_reference() -> (Llama, Vec<Value>, Vec<f32>) {
     let path = flora_model::default_model::resolve_model(None).expect("default model (scripts/reference/fetch_model.sh fetches it)");
     let model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(data().join("logits_ref.json")).unwrap()).unwrap();
     let (shape, last_all) = read_npy(&data().join("logits_ref_last.npy"));
+    assert_eq!(shape, vec![4, model.config().vocab]);
+    (model, reference["prompts"].as_array().unwrap().clone(), last_all)
+}
+
+/// Token ids under `key` of a reference prompt (`input_ids`, `argmax_per_position`).
+fn token_ids(p: &Value, key: &str) -> Vec<u32> {
+    p[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// `rows` (f32 logits at every position of prompt `p`, from `what`) against the reference:
+/// every logit of the last position within TOL, and the argmax at every position.
+fn check_f32_rows(what: &str, p: &Value, rows: &[Vec<f32>], want_last: &[f32]) {
+    let name = p["name"].as_str().unwrap();
+    let scale = want_last.iter().fold(1f32, |a, v| a.max(v.abs()));
+    let err = rows.last().unwrap().iter().zip(want_last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    eprintln!("{name}: {what}, f32: max |logit diff| {err:.2e} (scale {scale:.2})");
+    assert!(err <= TOL, "{name}: {what}: max |logit diff| {err} (scale {scale})");
+    assert_eq!(rows.iter().map(|r| argmax(r)).collect::<Vec<_>>(), token_ids(p, "argmax_per_position"), "{name}: {what}: argmax per position");
+}
+
+#[test]
+fn logits_and_greedy_tokens_match_the_reference() {
+    let (model, prompts, last_all) = model_and_reference();
     let vocab = model.config().vocab;
-    assert_eq!(shape, vec![4, vocab]);
-    for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
+    for (pi, p) in prompts.iter().enumerate() {
         let name = p["name"].as_str().unwrap();
-        let ids: Vec<u32> = p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let prompt = token_ids(p, "input_ids");
         let mut cache = model.new_cache();
         let rows: Vec<Vec<f32>> = model
-            .step(&mut [SeqStep { tokens: &ids, cache: &mut cache, slot: None, logits: Logits::All }], None)
+            .step(&mut [SeqStep { tokens: &prompt, cache: &mut cache, slot: None, logits: Logits::All }], None)
             .unwrap()
             .to_vec2()
             .unwrap();
-        // Every logit of the last position.
-        let want = &last_all[pi * vocab..(pi + 1) * vocab];
+        // Every logit of the last position, the argmax at every position, and the first
+        // positions' top-10 values.
+        check_f32_rows("inference step", p, &rows, &last_all[pi * vocab..(pi + 1) * vocab]);
         let last = rows.last().unwrap();
-        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-        let err = last.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        eprintln!("{name}: inference step, f32: max |logit diff| {err:.2e} (scale {scale:.2})");
-        assert!(err <= TOL, "{name}: max |logit diff| {err} (scale {scale})");
-        // Argmax at every position and the first positions' top-10 values.
-        let want_argmax: Vec<u32> = p["argmax_per_position"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(rows.iter().map(|r| argmax(r)).collect::<Vec<_>>(), want_argmax, "{name}: argmax per position");
         for (pos, top) in p["first_positions_top10"].as_array().unwrap().iter().enumerate() {
             for pair in top.as_array().unwrap() {
                 let (id, v) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
@@ -65,7 +82,7 @@ fn logits_and_greedy_tokens_match_the_reference() {
         }
         // Greedy continuation through the KV cache, token for token (up to a near-tie).
         let greedy = &p["greedy"];
-        let want_ids: Vec<u32> = greedy["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want_ids = token_ids(greedy, "ids");
         let margins: Vec<f64> = greedy["top1_minus_top2_margin"].as_array().map(|m| m.iter().map(|v| v.as_f64().unwrap()).collect()).unwrap_or_else(|| vec![1.0; want_ids.len()]);
         let mut next = argmax(last);
         let mut matched = 0;
@@ -86,22 +103,11 @@ fn logits_and_greedy_tokens_match_the_reference() {
 /// reference logits and argmax at every position as the inference step.
 #[test]
 fn training_forward_matches_the_reference() {
-    let path = flora_model::default_model::resolve_model(None).expect("default model");
-    let model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(data().join("logits_ref.json")).unwrap()).unwrap();
-    let (_, last_all) = read_npy(&data().join("logits_ref_last.npy"));
+    let (model, prompts, last_all) = model_and_reference();
     let vocab = model.config().vocab;
-    for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
-        let name = p["name"].as_str().unwrap();
-        let ids: Vec<u32> = p["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let rows: Vec<Vec<f32>> = model.forward_train(&[ids], &[None], None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-        let want = &last_all[pi * vocab..(pi + 1) * vocab];
-        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-        let err = rows.last().unwrap().iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        eprintln!("{name}: training forward: max |logit diff| {err:.2e} (scale {scale:.2})");
-        assert!(err <= TOL, "{name}: training forward: max |logit diff| {err} (scale {scale})");
-        let want_argmax: Vec<u32> = p["argmax_per_position"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(rows.iter().map(|r| argmax(r)).collect::<Vec<_>>(), want_argmax, "{name}: training forward argmax per position");
+    for (pi, p) in prompts.iter().enumerate() {
+        let rows: Vec<Vec<f32>> = model.forward_train(&[token_ids(p, "input_ids")], &[None], None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        check_f32_rows("training forward", p, &rows, &last_all[pi * vocab..(pi + 1) * vocab]);
     }
 }
 
@@ -113,30 +119,18 @@ fn training_forward_matches_the_reference() {
 fn bf16_weights_stay_close_to_the_reference() {
     const BF16_TOL: f32 = 0.025; // max |diff| relative to the row's largest |logit|
     const MARGIN: f64 = 0.5; // reference top-1 - top-2 gaps below this may flip in bf16
-    let path = flora_model::default_model::resolve_model(None).expect("default model");
-    let mut model = Llama::from_checkpoint(flora_model::weights::load(&path).unwrap()).unwrap();
-    model
-        .set_weight_format(flora_adapters::WeightFormat::Bf16)
-        .unwrap();
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(data().join("logits_ref.json")).unwrap())
-            .unwrap();
-    let (_, last_all) = read_npy(&data().join("logits_ref_last.npy"));
+    let (mut model, prompts, last_all) = model_and_reference();
+    model.set_weight_format(flora_adapters::WeightFormat::Bf16).unwrap();
     let vocab = model.config().vocab;
     let (mut agree, mut positions, mut greedy_compared) = (0usize, 0usize, 0usize);
-    for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
+    for (pi, p) in prompts.iter().enumerate() {
         let name = p["name"].as_str().unwrap();
-        let ids: Vec<u32> = p["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let prompt = token_ids(p, "input_ids");
         let mut cache = model.new_cache();
         let rows: Vec<Vec<f32>> = model
             .step(
                 &mut [SeqStep {
-                    tokens: &ids,
+                    tokens: &prompt,
                     cache: &mut cache,
                     slot: None,
                     logits: Logits::All,
@@ -163,12 +157,7 @@ fn bf16_weights_stay_close_to_the_reference() {
             err <= BF16_TOL * scale,
             "{name}: bf16 max |logit diff| {err} (scale {scale})"
         );
-        let want_argmax: Vec<u32> = p["argmax_per_position"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want_argmax = token_ids(p, "argmax_per_position");
         agree += rows
             .iter()
             .zip(&want_argmax)
@@ -176,12 +165,7 @@ fn bf16_weights_stay_close_to_the_reference() {
             .count();
         positions += want_argmax.len();
         let greedy = &p["greedy"];
-        let want_ids: Vec<u32> = greedy["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want_ids = token_ids(greedy, "ids");
         let margins: Vec<f64> = greedy["top1_minus_top2_margin"]
             .as_array()
             .unwrap()
