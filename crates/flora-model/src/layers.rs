@@ -25,18 +25,22 @@ pub struct Rope {
     pub context: usize,
 }
 
+/// RoPE's frequencies `theta^(-2i / head_dim)`, i < head_dim / 2 (radians per position).
+pub fn rope_frequencies(head_dim: usize, theta: f32) -> Vec<f64> {
+    (0..head_dim / 2).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64)).collect()
+}
+
 impl Rope {
     /// Angles `p * theta^(-2i / head_dim) / factors[i]` for positions `p < context`
     /// (`factors`: Llama 3.1+'s per-frequency divisors; none for plain RoPE).
     pub fn new(head_dim: usize, theta: f32, context: usize, factors: Option<&[f32]>) -> Self {
         let half = head_dim / 2;
         assert!(factors.is_none_or(|f| f.len() == half), "RoPE needs one factor per frequency ({half})");
+        let freqs: Vec<f64> = rope_frequencies(head_dim, theta).iter().enumerate().map(|(i, f)| f / factors.map_or(1.0, |d| d[i] as f64)).collect();
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
         for p in 0..context {
-            for i in 0..half {
-                let divisor = factors.map_or(1.0, |f| f[i] as f64);
-                let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64) / divisor;
+            for &freq in &freqs {
                 let a = p as f64 * freq;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);

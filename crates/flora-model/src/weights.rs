@@ -102,11 +102,12 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
-    let wanted: HashSet<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
+    let expected: Vec<String> = expected_tensors(&config).into_iter().map(|(name, _)| name).collect();
+    let wanted: HashSet<&String> = expected.iter().collect();
     let model_tensor = |name: &str| gguf_name_to_hf(name).filter(|hf| wanted.contains(hf));
     // Refuse a missing or unknown tensor before reading any (a model can be gigabytes).
     let present: HashSet<String> = names.iter().filter_map(|n| model_tensor(n)).collect();
-    if let Some(missing) = expected_tensors(&config).into_iter().map(|(name, _)| name).find(|name| !present.contains(name)) {
+    if let Some(missing) = expected.iter().find(|name| !present.contains(*name)) {
         return Err(file_err(path, format!("missing tensor {missing}")));
     }
     let unknown: Vec<&str> = names.iter().filter(|n| n.as_str() != ROPE_FREQS && model_tensor(n).is_none()).map(|n| n.as_str()).collect();

@@ -1,17 +1,12 @@
-//! Model files: safetensors checkpoints load and run like the in-memory model; a truncated,
-//! foreign or corrupt file is a clear error.
+//! Model files: safetensors checkpoints load and run like the in-memory model, tied or
+//! untied; Llama 3.1's RoPE scaling loads from GGUF and config.json alike; a truncated,
+//! foreign or corrupt file, an unsupported quantization and a Llama variant the model file does
+//! not implement are clear errors.
 
 use candle_core::{DType, Device, Tensor};
 use flora_model::weights::random_tensors;
 use flora_model::{Llama, LlamaConfig, Logits, SeqStep};
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flora-model-files-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// `cfg`'s HF `config.json` with `extra` keys merged in.
 fn hf_config(cfg: &LlamaConfig, extra: serde_json::Value) -> String {
@@ -41,16 +36,16 @@ fn logits_both_ways(model: &Llama, toks: &[u32]) -> Vec<Vec<f32>> {
 #[test]
 fn safetensors_checkpoint_loads_and_matches() {
     let cfg = LlamaConfig::tiny();
-    let dir = tmp("st");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let tensors = random_tensors(&cfg, 3).unwrap();
-    write_checkpoint(&dir, &tensors, &hf_config(&cfg, serde_json::json!({})));
-    let ck = flora_model::weights::load(&dir).unwrap();
+    write_checkpoint(dir, &tensors, &hf_config(&cfg, serde_json::json!({})));
+    let ck = flora_model::weights::load(dir).unwrap();
     assert_eq!(ck.config, cfg);
     let model = Llama::from_checkpoint(ck).unwrap();
     logits_both_ways(&model, &[5, 9, 11, 2]);
     // A missing tensor is named.
-    tensors_missing(&dir);
-    let _ = std::fs::remove_dir_all(&dir);
+    tensors_missing(dir);
 }
 
 /// An untied checkpoint reads its own LM head: with the head twice the embedding, every logit
@@ -61,15 +56,16 @@ fn untied_lm_head_is_read() {
     let tied_cfg = LlamaConfig::tiny();
     let untied_cfg = LlamaConfig { tie_embeddings: false, ..LlamaConfig::tiny() };
     let toks = [7u32, 1, 30, 12, 3];
-    let dir = tmp("untied");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let mut tensors = random_tensors(&tied_cfg, 4).unwrap();
-    write_checkpoint(&dir, &tensors, &hf_config(&tied_cfg, serde_json::json!({})));
-    let tied = logits_both_ways(&Llama::from_checkpoint(flora_model::weights::load(&dir).unwrap()).unwrap(), &toks);
+    write_checkpoint(dir, &tensors, &hf_config(&tied_cfg, serde_json::json!({})));
+    let tied = logits_both_ways(&Llama::from_checkpoint(flora_model::weights::load(dir).unwrap()).unwrap(), &toks);
 
     let doubled = (tensors["model.embed_tokens.weight"].clone() * 2.0).unwrap();
     tensors.insert("lm_head.weight".into(), doubled);
-    write_checkpoint(&dir, &tensors, &hf_config(&untied_cfg, serde_json::json!({})));
-    let ck = flora_model::weights::load(&dir).unwrap();
+    write_checkpoint(dir, &tensors, &hf_config(&untied_cfg, serde_json::json!({})));
+    let ck = flora_model::weights::load(dir).unwrap();
     assert!(!ck.config.tie_embeddings);
     let untied = logits_both_ways(&Llama::from_checkpoint(ck).unwrap(), &toks);
     for (a, b) in tied.iter().flatten().zip(untied.iter().flatten()) {
@@ -77,10 +73,9 @@ fn untied_lm_head_is_read() {
     }
 
     // Tied, with a (redundant) LM head saved: the embedding is used.
-    write_checkpoint(&dir, &tensors, &hf_config(&tied_cfg, serde_json::json!({})));
-    let again = logits_both_ways(&Llama::from_checkpoint(flora_model::weights::load(&dir).unwrap()).unwrap(), &toks);
+    write_checkpoint(dir, &tensors, &hf_config(&tied_cfg, serde_json::json!({})));
+    let again = logits_both_ways(&Llama::from_checkpoint(flora_model::weights::load(dir).unwrap()).unwrap(), &toks);
     assert_eq!(again, tied);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Llama variants this model file does not implement are refused by name rather than loaded
@@ -89,7 +84,8 @@ fn untied_lm_head_is_read() {
 #[test]
 fn unimplemented_llama_variants_in_safetensors_are_refused() {
     let cfg = LlamaConfig::tiny();
-    let dir = tmp("variants");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let tensors = random_tensors(&cfg, 5).unwrap();
     let cases = [
         (serde_json::json!({"model_type": "qwen2"}), "model_type \"qwen2\""),
@@ -114,8 +110,8 @@ fn unimplemented_llama_variants_in_safetensors_are_refused() {
         (serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 64}), "sliding-window"),
     ];
     for (extra, want) in cases {
-        write_checkpoint(&dir, &tensors, &hf_config(&cfg, extra.clone()));
-        let err = flora_model::weights::load(&dir).err().unwrap_or_else(|| panic!("{extra} must be refused")).to_string();
+        write_checkpoint(dir, &tensors, &hf_config(&cfg, extra.clone()));
+        let err = flora_model::weights::load(dir).err().unwrap_or_else(|| panic!("{extra} must be refused")).to_string();
         assert!(err.contains("unsupported") && err.contains(want), "{extra}: {err}");
     }
     // Plain RoPE spelled out, any scaling by 1, an older spelling of the architecture, and
@@ -127,21 +123,20 @@ fn unimplemented_llama_variants_in_safetensors_are_refused() {
         serde_json::json!({"architectures": ["LLaMAForCausalLM"]}),
         serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": null}),
     ] {
-        write_checkpoint(&dir, &tensors, &hf_config(&cfg, extra.clone()));
-        let ck = flora_model::weights::load(&dir).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        write_checkpoint(dir, &tensors, &hf_config(&cfg, extra.clone()));
+        let ck = flora_model::weights::load(dir).unwrap_or_else(|e| panic!("{extra}: {e}"));
         assert_eq!(ck.config, cfg, "{extra}");
     }
     // transformers 5 keeps RoPE's base in rope_parameters.
     let extra = serde_json::json!({"rope_theta": null, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}});
-    write_checkpoint(&dir, &tensors, &hf_config(&cfg, extra));
-    assert_eq!(flora_model::weights::load(&dir).unwrap().config.rope_theta, 100000.0);
+    write_checkpoint(dir, &tensors, &hf_config(&cfg, extra));
+    assert_eq!(flora_model::weights::load(dir).unwrap().config.rope_theta, 100000.0);
     // A bias tensor the config does not announce.
     let mut with_bias = tensors.clone();
     with_bias.insert("model.layers.0.self_attn.q_proj.bias".into(), Tensor::zeros(cfg.q_dim(), DType::F32, &Device::Cpu).unwrap());
-    write_checkpoint(&dir, &with_bias, &hf_config(&cfg, serde_json::json!({})));
-    let err = flora_model::weights::load(&dir).err().expect("an unknown tensor must be refused").to_string();
+    write_checkpoint(dir, &with_bias, &hf_config(&cfg, serde_json::json!({})));
+    let err = flora_model::weights::load(dir).err().expect("an unknown tensor must be refused").to_string();
     assert!(err.contains("model.layers.0.self_attn.q_proj.bias") && err.contains("does not have"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Writes `hf` (HF names, f32) as a Llama GGUF of `cfg` in llama.cpp's layout (q/k rows
@@ -255,7 +250,8 @@ fn llama3_rope_scaling_loads_from_gguf_and_config_json_alike() {
 #[test]
 fn unimplemented_llama_variants_in_gguf_are_refused() {
     use candle_core::quantized::gguf_file::Value;
-    let dir = tmp("gguf-variants");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("variant.gguf");
     let head_dim = LlamaConfig::tiny().head_dim as u32;
     let cases: Vec<(Vec<(&str, Value)>, Vec<&str>, &str)> = vec![
@@ -286,7 +282,6 @@ fn unimplemented_llama_variants_in_gguf_are_refused() {
         let ck = flora_model::weights::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ck.config.n_layers, 2);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn tensors_missing(dir: &std::path::Path) {
@@ -299,7 +294,8 @@ fn tensors_missing(dir: &std::path::Path) {
 
 #[test]
 fn foreign_and_corrupt_files_are_refused() {
-    let dir = tmp("bad");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let junk = dir.join("junk.gguf");
     std::fs::write(&junk, b"this is not a model").unwrap();
     let err = flora_model::weights::load(&junk).err().expect("must fail").to_string();
@@ -308,25 +304,25 @@ fn foreign_and_corrupt_files_are_refused() {
     std::fs::write(&fake, b"GGUF\x03\x00\x00\x00garbage").unwrap();
     let err = flora_model::weights::load(&fake).err().expect("must fail").to_string();
     assert!(err.contains("header-only.gguf"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn truncated_real_model_is_refused() {
     let path = flora_model::default_model::resolve_model(None).expect("default model (scripts/reference/fetch_model.sh fetches it)");
     let bytes = std::fs::read(&path).unwrap();
-    let dir = tmp("trunc");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let cut = dir.join("truncated.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let err = flora_model::weights::load(&cut).err().expect("must fail").to_string();
     assert!(err.contains("truncated"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn non_llama_gguf_is_refused() {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-    let dir = tmp("arch");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("gpt2.gguf");
     let t = QTensor::quantize(&candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
     let arch = gguf_file::Value::String("gpt2".into());
@@ -335,14 +331,14 @@ fn non_llama_gguf_is_refused() {
     drop(f);
     let err = flora_model::weights::load(&path).err().expect("must fail").to_string();
     assert!(err.contains("gpt2") && err.contains("Llama-family"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A tensor in a quantization candle cannot read (IQ4_NL, type 20): a clear error, no panic.
 #[test]
 fn unsupported_quantization_is_refused() {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-    let dir = tmp("quant");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("iq4.gguf");
     let t = QTensor::quantize(&candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
     let arch = gguf_file::Value::String("llama".into());
@@ -360,5 +356,4 @@ fn unsupported_quantization_is_refused() {
     std::fs::write(&path, &bytes).unwrap();
     let err = flora_model::weights::load(&path).err().expect("must fail").to_string();
     assert!(err.contains("iq4.gguf") && err.contains("unsupported quantization: a tensor has ggml type 20 ("), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
